@@ -97,7 +97,6 @@ def pretrain(cfg: Config) -> dict:
     train_step = steps.make_train_step(lay, tx, cfg.train, moe=cfg.moe)
     eval_step = steps.make_eval_step(lay)
     batch_sharding = rules.batch_sharding(mesh)
-    pid = jax.process_index()
     t, bs = cfg.data.seq_len, cfg.train.batch_size
     part, parts = rules.process_batch_slice(batch_sharding, bs)  # this process reads only its rows
     data_iter = iter(pipeline.train_dataset(tokens["train"], t, bs, cfg.train.seed, part, parts))
@@ -110,6 +109,24 @@ def pretrain(cfg: Config) -> dict:
     state = ckpts.resume(lay.abstract, data_iter)
     if state is None:
         state = states.init_state(cfg.model, tx, lay, cfg.train.seed, cfg.moe)
+    return run_loop(cfg, run_dir, tok, lay, state, train_step, eval_step, data_iter, val, ckpts)
+
+
+def run_loop(
+    cfg: Config, run_dir: Path, tok, lay: states.Layout, state: states.TrainState, train_step, eval_step, data_iter,
+    val: list, ckpts: checkpoint.Checkpoints, *, eval_first: bool = False,
+) -> dict:
+    """The step loop that pretrain and finetune share: steps state.step + 1 .. train.steps, logs
+    (loss, lr, tokens/s, MFU, MoE statistics), evaluates (with state.buffers), checkpoints, stops
+    on SIGTERM or diverged training. Returns the final figures.
+
+    eval_first: a fresh run (step 0) first evaluates and logs the model it starts from (fine-tuning:
+    the base model on the new data). On SIGTERM: finishes the current step, saves it and returns
+    with 'preempted': True.
+    """
+    t, bs = cfg.data.seq_len, cfg.train.batch_size
+    pid = jax.process_index()
+    batch_sharding = rules.batch_sharding(lay.mesh)
     start = int(jax.device_get(state.step))
     saved = {"config": configs.to_dict(cfg), "tokenizer": tok.to_json()}
     bad = BadSteps(cfg.train.max_bad_steps, before_stop=ckpts.close)
@@ -124,6 +141,10 @@ def pretrain(cfg: Config) -> dict:
         unit="step", dynamic_ncols=True, mininterval=1.0,
     )
     val_loss = math.nan
+    if eval_first and start == 0:
+        val_loss = evaluate(eval_step, state.params, val, state.buffers)
+        log.write(0, {"val_loss": val_loss})
+        progress.write(f"step 0: val_loss {val_loss:.4f} (before training)")
     window_start, window_steps = None, 0
     preemption = PreemptionWatch().start()
     for step in range(start + 1, cfg.train.steps + 1):
