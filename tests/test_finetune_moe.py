@@ -173,3 +173,12 @@ def test_moe_mismatches_with_the_base_are_config_errors(moe_base, tmp_path, tfds
     with pytest.raises(ConfigError, match=r"moe_units/moe_block/mlp/w_up: base \(2, 4, 32, 32\) vs missing"):
         finetune.finetune(_ft_config(moe_base, tmp_path, tfds_dir, "moe.num_experts=0"))
     assert not (tmp_path / "ft").exists(), "nothing may be written for bad input"
+
+
+def test_shipped_moe_finetune_config_matches_its_pretrain():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    ft, base = configs.load(root / "shakespeare_moe_ft.yaml"), configs.load(root / "shakespeare_moe.yaml")
+    assert ft.finetune.init_from and ft.data.dataset == "text_files"
+    assert (ft.model, ft.moe) == (base.model, base.moe)
