@@ -108,6 +108,7 @@ def test_full_finetune_carries_and_uses_the_base_router_biases(moe_base, tmp_pat
     assert (tmp_path / "ft" / "moe_load.png").exists()
 
 
+@pytest.mark.slow  # ~30-45 s on 2 busy cores: compiles a MoE fine-tuning step and two evals
 def test_freeze_keeps_frozen_parameters_bitwise_and_moves_router_biases(moe_base, tmp_path, tfds_dir):
     _, base_params, base_buffers, _ = moe_base
     cfg = _ft_config(moe_base, tmp_path, tfds_dir, "finetune.mode=freeze", "finetune.freeze=^embed$|attn/")
@@ -130,6 +131,7 @@ def test_freeze_keeps_frozen_parameters_bitwise_and_moves_router_biases(moe_base
     )
 
 
+@pytest.mark.slow  # ~30-45 s on 2 busy cores: compiles a MoE fine-tuning step and two evals
 def test_lora_gives_every_expert_its_own_factors(moe_base, tmp_path, tfds_dir):
     _, base_params, base_buffers, _ = moe_base
     cfg = _ft_config(moe_base, tmp_path, tfds_dir, "finetune.mode=lora", "finetune.lora_rank=2", "train.steps=2",
@@ -182,3 +184,16 @@ def test_shipped_moe_finetune_config_matches_its_pretrain():
     ft, base = configs.load(root / "shakespeare_moe_ft.yaml"), configs.load(root / "shakespeare_moe.yaml")
     assert ft.finetune.init_from and ft.data.dataset == "text_files"
     assert (ft.model, ft.moe) == (base.model, base.moe)
+
+
+def test_moe_finetune_resumes_bitwise_with_its_router_biases(moe_base, tmp_path, tfds_dir):
+    import shutil
+
+    cfg = _ft_config(moe_base, tmp_path, tfds_dir, "finetune.mode=freeze", "finetune.freeze=^embed$",
+                     "checkpoint.every=2")
+    straight = finetune.finetune(configs.replace(cfg, run={"dir": str(tmp_path / "straight")}))
+    shutil.copytree(tmp_path / "straight", tmp_path / "ft")
+    shutil.rmtree(tmp_path / "ft" / "checkpoints" / "4")  # as if stopped after saving step 2
+    resumed = finetune.finetune(cfg)
+    assert integrity.tree_digest(resumed["state"].params) == integrity.tree_digest(straight["state"].params)
+    np.testing.assert_array_equal(_bias(_host(resumed["state"].buffers)), _bias(_host(straight["state"].buffers)))
