@@ -197,3 +197,17 @@ def test_moe_finetune_resumes_bitwise_with_its_router_biases(moe_base, tmp_path,
     resumed = finetune.finetune(cfg)
     assert integrity.tree_digest(resumed["state"].params) == integrity.tree_digest(straight["state"].params)
     np.testing.assert_array_equal(_bias(_host(resumed["state"].buffers)), _bias(_host(straight["state"].buffers)))
+
+
+@pytest.mark.slow  # two MoE LoRA fine-tunes, one of them on 8 devices
+def test_sharded_moe_lora_finetune_equals_one_device(moe_base, tmp_path, tfds_dir):
+    """LoRA factors (replicated) merged into expert-sharded weights: expert=4 x fsdp=2 ≡ 1 device."""
+    lora = ("finetune.mode=lora", "finetune.lora_rank=2", "train.steps=3", "train.eval_every=3")
+    one = finetune.finetune(_ft_config(moe_base, tmp_path / "one", tfds_dir, *lora))
+    sharded = finetune.finetune(_ft_config(moe_base, tmp_path / "ep", tfds_dir, *lora, "mesh.devices=8", "mesh.data=1",
+                                           "mesh.expert=4", "mesh.fsdp=2"))
+    np.testing.assert_allclose(sharded["val_loss"], one["val_loss"], rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(_host(one["params"])),
+                            jax.tree.leaves(_host(sharded["params"]))):
+        assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a), jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(_bias(_host(sharded["state"].buffers)), _bias(_host(one["state"].buffers)))
