@@ -2,7 +2,6 @@
 statistics, freeze and LoRA (one pair of factors per expert)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

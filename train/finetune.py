@@ -3,8 +3,10 @@
 Parameters only come from `finetune.init_from=RUN_DIR[:STEP]` (newest valid step by default); the
 optimizer and the learning-rate schedule start fresh. The base run's tokenizer is used: the config's
 model must have the base's parameter shapes, and the data only characters the tokenizer knows; a
-mismatch lists the offending parameter paths or characters (ConfigError, exit 2). The fine-tuning
-run dir checkpoints and resumes exactly like pretraining (train/checkpoint.py).
+mismatch lists the offending parameter paths or characters (ConfigError, exit 2). MoE models also
+take the base run's router biases (buffers) and must route like it (ROUTING_KEYS). This module
+only builds the adapter's layout, the data and the initial state; the steps run in pretraining's
+loop (train/loop.py run_loop), so fine-tuning logs, evaluates, checkpoints and resumes like it.
 
 Data: data.dataset=text_files (plain text, windows as in pretraining) or jsonl (prompt/completion
 pairs, loss on completions only, packed: data/packing.py), or tiny_shakespeare.
@@ -12,7 +14,6 @@ pairs, loss on completions only, packed: data/packing.py), or tiny_shakespeare.
 
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
