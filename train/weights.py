@@ -69,7 +69,9 @@ def load(run_dir: str | Path, step: int | None = None, flag: str = "run") -> Run
 def _check_tree(params: dict, abstract: dict) -> dict:
     """`params` if it has the model's tree and shapes (a fine-tuning adapter that rebuilt another
     model would otherwise surface as a shape error deep inside sampling or export)."""
-    shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    def shapes(tree):
+        return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
     got, want = shapes(params), shapes(abstract)
     if got != want:
         diffs = sorted(set(got.items()) ^ set(want.items()), key=str)[:4]
