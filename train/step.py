@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec
 
 from model import moe as moe_lib
 from model.config import MoEConfig
-from parallel import rules
+from parallel import devices, rules
 from train.config import TrainConfig
 from train.state import Layout, TrainState
 
@@ -115,11 +115,16 @@ def make_train_step(
         to_model = (lambda p: p) if materialize is None else (lambda p: materialize(p, frozen))
         with nnx.logical_axis_rules(rules.activation_rules()):
             (loss, stats), grads = _grads(lay.graphdef, train, state.buffers, batch, cfg, to_model)
-        updates, opt_state = tx.update(grads, state.opt_state, train)
-        new = optax.apply_updates(train, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # else skip the update (the loop counts these)
-        new, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (new, opt_state), (train, state.opt_state))
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, train)
+            return optax.apply_updates(train, updates), opt_state
+
+        # a cond, not a select between new and old: the select kept the old optimizer state alive
+        # next to the new, and XLA copied every donated moment buffer each step
+        new, opt_state = jax.lax.cond(finite, update, lambda _: (train, state.opt_state), None)
         params = new if materialize is None else {"train": new, "frozen": frozen}
         metrics = {"train_loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
         buffers = state.buffers
@@ -131,7 +136,10 @@ def make_train_step(
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers), metrics
 
     batch_sharding = rules.batch_sharding(lay.mesh)
-    jitted = jax.jit(step, in_shardings=(lay.state, batch_sharding), out_shardings=(lay.state, None), donate_argnums=0)
+    jitted = jax.jit(
+        step, in_shardings=(lay.state, batch_sharding), out_shardings=(lay.state, None), donate_argnums=0,
+        compiler_options=devices.compiler_options(lay.mesh),
+    )
     return under_mesh(jitted, lay.mesh)
 
 
@@ -147,7 +155,8 @@ def make_eval_step(lay: Layout, materialize=None):
         return loss * total, total
 
     in_shardings = (lay.params, rules.batch_sharding(lay.mesh), lay.state.buffers)
-    jitted = under_mesh(jax.jit(step, in_shardings=in_shardings), lay.mesh)
+    jitted = jax.jit(step, in_shardings=in_shardings, compiler_options=devices.compiler_options(lay.mesh))
+    jitted = under_mesh(jitted, lay.mesh)
 
     def call(params, batch, buffers=None):
         return jitted(params, batch, {} if buffers is None else buffers)
