@@ -28,6 +28,17 @@ def lm_loss(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
     return jnp.sum(nll_BT * w_BT) / jnp.maximum(total, 1.0), total
 
 
+def _loss_and_weight_sums(logits_BTV, targets_BT, weights_BT=None):
+    """(sum of weighted token losses, sum of weights) as one reduction: one all-reduce across
+    devices. Two independent all-reduces in one program can deadlock XLA:CPU with several devices
+    in a process (each blocks a worker of the shared thread pool waiting for the other devices)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+    w_BT = jnp.ones_like(nll_BT) if weights_BT is None else weights_BT.astype(jnp.float32)
+    sums = jnp.sum(jnp.stack([nll_BT * w_BT, w_BT], axis=-1), axis=(0, 1))
+    return sums[0], sums[1]
+
+
 def apply(graphdef, params, batch: Batch):
     """Logits of a batch; packed batches carry 'segment_ids' and 'positions' (data/jsonl.py)."""
     model = nnx.merge(graphdef, params)
@@ -151,8 +162,7 @@ def make_eval_step(lay: Layout, materialize=None):
             params = materialize(params["train"], params["frozen"])
         with nnx.logical_axis_rules(rules.activation_rules()):
             logits_BTV, _ = apply_with_stats(lay.graphdef, params, batch, buffers, train=False)
-        loss, total = lm_loss(logits_BTV, batch["targets"], batch.get("weights"))
-        return loss * total, total
+        return _loss_and_weight_sums(logits_BTV, batch["targets"], batch.get("weights"))
 
     in_shardings = (lay.params, rules.batch_sharding(lay.mesh), lay.state.buffers)
     jitted = jax.jit(step, in_shardings=in_shardings, compiler_options=devices.compiler_options(lay.mesh))
