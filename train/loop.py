@@ -76,9 +76,11 @@ def global_batch(local: dict[str, np.ndarray], sharding, batch_size: int) -> dic
 def evaluate(eval_step, params, batches, buffers=None) -> float:
     total_loss, total_weight = 0.0, 0.0
     for batch in batches:
-        loss_sum, weight = eval_step(params, batch, buffers)
-        total_loss, total_weight = total_loss + loss_sum, total_weight + weight
-    return float(total_loss / total_weight)
+        # one batch at a time: independent programs in flight together can deadlock XLA:CPU with
+        # several devices in one process (each waits in a collective for devices with no thread left)
+        loss_sum, weight = jax.device_get(eval_step(params, batch, buffers))
+        total_loss, total_weight = total_loss + float(loss_sum), total_weight + float(weight)
+    return total_loss / total_weight
 
 
 def pretrain(cfg: Config) -> dict:
