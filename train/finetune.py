@@ -20,6 +20,7 @@ from orbax.checkpoint import PyTreeCheckpointer
 
 from data import packing, pipeline
 from data import tokenizer as tokenizers
+from parallel.config import MeshConfig
 from parallel import distributed, mesh as meshes, rules
 from train import adapters, checkpoint, config as configs, loop, optim
 from train import state as states, step as steps, validate
@@ -165,8 +166,7 @@ def merged_params(run_dir: str | Path, step: int | None = None):
     """(parameters in the base model's tree with LoRA factors merged, step) of a fine-tuning run: for export."""
     cfg = configs.load(Path(run_dir) / "config.yaml")
     adapter = adapters.build(cfg.finetune, cfg.model, cfg.moe)
-    mesh = meshes.build_mesh(configs.replace(cfg, mesh={"devices": 1, "data": -1, "fsdp": 1, "expert": 1,
-                                                        "tensor": 1}).mesh)
+    mesh = meshes.build_mesh(MeshConfig(devices=1))  # whatever mesh (and slices) the run trained on
     lay = adapters.layout(adapter, cfg.model, optim.optimizer(cfg.train), mesh, cfg.moe)
     params, step = checkpoint.restore_params(run_dir, lay.abstract.params, step)
     return adapter.merged(params), step
