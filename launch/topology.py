@@ -159,9 +159,14 @@ def parse_target(name: str, key: str = "--topology") -> "Slice | GpuNodes":
     return GpuNodes(m.group(1), count // GPUS_PER_NODE, GPUS_PER_NODE)
 
 
+def has_cuda_plugin() -> bool:
+    """Whether JAX's CUDA plugin (the jax-cuda12-plugin wheel) is installed."""
+    return importlib.util.find_spec("jax_plugins") is not None and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
 def gpu_devices(nodes: GpuNodes):
     """Compile-only JAX devices of `nodes` (needs JAX's CUDA plugin wheel; no GPU, no driver)."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not has_cuda_plugin():
         raise ConfigError(
             f"--topology={nodes.accelerator_type}: plan compiles for GPUs with JAX's CUDA plugin, which is not "
             f"installed: pip install 'podtrain[gpu-plan]' (no GPU or CUDA driver needed)"
