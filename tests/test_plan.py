@@ -142,6 +142,10 @@ def test_a_large_flops_disagreement_is_a_warning():
     off = dataclasses.replace(est, model_flops=8e12 / 8.9)
     warning = [line for line in plan.flops_lines(off, cfg) if "WARNING" in line]
     assert not off.agrees and warning and "8.90x the model FLOPs" in warning[0]
+    assert off.step_flops == off.flops  # work the compiled program does is kept
+    low = dataclasses.replace(est, model_flops=8e12 * 2)  # the cost analysis misses work: model FLOPs instead
+    assert not low.agrees and low.step_flops == low.model_flops / low.chips > low.flops
+    assert low.step_s == low.model_flops / low.chips / low.peak_flops
 
 
 
