@@ -1,8 +1,10 @@
 """Training-step throughput and MFU at the nanoGPT shape and at a larger shape.
 
 Times the real train step (`train.step.make_train_step` over `train.state.layout`: the sharded
-jit path on a 1-device mesh), compile excluded, on device-resident random batches. Each
-repetition times `--steps` back-to-back steps; the figure is the median over `--reps`.
+jit path), compile excluded, on device-resident random batches. Each repetition times `--steps`
+back-to-back steps; the figure is the median over `--reps`. Two layouts per shape: one CPU device
+(XLA threads each op over the cores) and `podtrain pretrain`'s default on a CPU host, one device
+per core with the batch data-parallel over them (parallel/devices.py: use_cpu_cores).
 
 MFU = achieved FLOP/s / measured f32 matmul peak of this machine, with the FLOPs of
 `ModelConfig.flops_per_token` (PaLM convention: 6 * N_matmul + 12 * L * N * H * T).
@@ -29,9 +31,10 @@ LARGE = (
 VOCAB = 65  # the character vocabulary of tiny-shakespeare
 
 
-def load_config(overrides: list[str]) -> configs.Config:
-    cfg = configs.load("configs/shakespeare_char.yaml", ["mesh.devices=1", f"model.vocab_size={VOCAB}", *overrides])
-    return cfg
+def load_config(overrides: list[str], num_devices: int) -> configs.Config:
+    return configs.load(
+        "configs/shakespeare_char.yaml", [f"mesh.devices={num_devices}", f"model.vocab_size={VOCAB}", *overrides]
+    )
 
 
 def time_train_step(cfg: configs.Config, reps: int, n_steps: int) -> list[float]:
@@ -71,22 +74,27 @@ def main(argv=None) -> None:
     p.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
     args = p.parse_args(argv)
 
+    cores = devices.use_cpu_cores()  # before the backend starts
     peak = devices.measure_matmul_peak(n=1024, seconds=args.peak_seconds)
     print(f"backend {jax.default_backend()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
     print(f"measured f32 matmul peak (1024^3, best of {args.peak_seconds:.0f} s): {peak / 1e9:.1f} GFLOP/s")
     print("FLOPs per token: PaLM convention, 6 * N_matmul (incl. the V x D head) + 12 * L * N * H * T")
     for (name, overrides), n_steps in ((NANOGPT, args.steps), (LARGE, args.large_steps)):
-        cfg = load_config(overrides)
-        tokens = cfg.train.batch_size * cfg.data.seq_len
-        per_step = time_train_step(cfg, args.reps, n_steps)
-        med = statistics.median(per_step)
-        tok_s = tokens / med
-        spread = f"{tokens / max(per_step):,.0f}..{tokens / min(per_step):,.0f}"
-        mfu = tok_s * cfg.model.flops_per_token(cfg.data.seq_len) / peak
-        print(
-            f"{name}: {med * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s (range {spread} over {args.reps} reps), "
-            f"{cfg.model.flops_per_token(cfg.data.seq_len) / 1e6:.2f} MFLOP/token, MFU {mfu:.1%}"
-        )
+        batch = load_config(overrides, 1).train.batch_size
+        per_core = max(d for d in range(1, cores + 1) if batch % d == 0)  # as `podtrain pretrain` picks
+        layouts = [("1 device", 1)] + ([(f"{per_core} devices, one per core", per_core)] if per_core > 1 else [])
+        for layout, num_devices in layouts:
+            cfg = load_config(overrides, num_devices)
+            tokens = cfg.train.batch_size * cfg.data.seq_len
+            per_step = time_train_step(cfg, args.reps, n_steps)
+            med = statistics.median(per_step)
+            tok_s = tokens / med
+            spread = f"{tokens / max(per_step):,.0f}..{tokens / min(per_step):,.0f}"
+            mfu = tok_s * cfg.model.flops_per_token(cfg.data.seq_len) / peak
+            print(
+                f"{name}, {layout}: {med * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s (range {spread} over "
+                f"{args.reps} reps), {cfg.model.flops_per_token(cfg.data.seq_len) / 1e6:.2f} MFLOP/token, MFU {mfu:.1%}"
+            )
 
 
 if __name__ == "__main__":

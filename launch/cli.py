@@ -19,6 +19,7 @@ def _pretrain(args) -> None:
     from train import config
 
     cfg = config.load(args.config, args.overrides)
+    _use_cpu_cores(cfg)
     from train import loop  # slow to import (TensorBoard, Orbax): only once the config is good
 
     result = loop.pretrain(cfg)
@@ -31,6 +32,7 @@ def _finetune(args) -> int | None:
     from train import config
 
     cfg = config.load(args.config, args.overrides)
+    _use_cpu_cores(cfg)
     from train import finetune  # slow to import: only once the config is good
 
     result = finetune.finetune(cfg)
@@ -38,6 +40,13 @@ def _finetune(args) -> int | None:
         return _preempted(result)
     print(f"final val_loss {result['val_loss']:.4f} at step {result['step']} from {result['base']} "
           f"(run dir {result['run_dir']})")
+
+
+def _use_cpu_cores(cfg) -> None:
+    """On a CPU host, one JAX device per core (parallel/devices.py) before the backend starts."""
+    from parallel import devices
+
+    devices.use_cpu_cores(cfg.train.batch_size // cfg.train.grad_accum_steps)
 
 
 def _preempted(result) -> int:

@@ -1,8 +1,10 @@
 """Export to / import from Hugging Face `transformers`, checked against transformers itself (fp32)."""
 
 import collections
+import inspect
 import json
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -17,7 +19,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from data import tokenizer as tokenizers  # noqa: E402
 from launch import cli  # noqa: E402
-from train import config as configs, export  # noqa: E402
+from train import adapters, config as configs, export, weights  # noqa: E402
 from train.config import ConfigError  # noqa: E402
 
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 65 characters
@@ -38,7 +40,7 @@ def random_run(run_dir, tok=None, seed=0, moe=None, **model) -> tuple[configs.Co
              "mlp_dim": 37, "rope_theta": 500.0, "norm_eps": 1e-6, "init_std": 0.2, **model}
     sections = {"model": model, "data": {"tokenizer": tok.kind, "seq_len": 32}, "run": {"dir": str(run_dir)}}
     cfg = configs.from_dict({**sections, "moe": moe} if moe else sections)
-    _, abstract_params, abstract_buffers = export.abstract_trees(cfg)
+    _, abstract_params, abstract_buffers = weights.abstract_trees(cfg)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
     keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
     params = jax.tree.unflatten(treedef, [
@@ -53,7 +55,7 @@ def random_run(run_dir, tok=None, seed=0, moe=None, **model) -> tuple[configs.Co
 
 
 def podtrain_logits(cfg, params, buffers, tokens_BT) -> np.ndarray:
-    graphdef, _, _ = export.abstract_trees(cfg)
+    graphdef, _, _ = weights.abstract_trees(cfg)
     to_jax = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
     logits, _ = nnx.merge(graphdef, to_jax(params), to_jax(buffers))(jax.numpy.asarray(tokens_BT))
     return np.asarray(logits)
@@ -145,8 +147,9 @@ def random_llama(directory, **overrides):
 def test_import_llama_gives_same_logits_and_round_trips_bitwise(tmp_path, tie):
     random_llama(tmp_path / "llama", tie_word_embeddings=tie)
     run = export.import_hf(tmp_path / "llama", tmp_path / "run")
-    cfg, tok, params, buffers, step = export.load_params(run, None)
-    assert step == 0 and tok is None and cfg.model.tie_embeddings is tie and cfg.model.num_kv_heads == 3
+    loaded = weights.load(run)
+    cfg, params, buffers = loaded.cfg, loaded.params, loaded.buffers
+    assert loaded.step == 0 and loaded.tok is None and cfg.model.tie_embeddings is tie and cfg.model.num_kv_heads == 3
     ids = tokens(cfg)
     assert_logits_match(hf_logits(tmp_path / "llama", ids), podtrain_logits(cfg, params, buffers, ids),
                         f"import llama {'tied' if tie else 'untied'}")
@@ -210,8 +213,11 @@ def hf_greedy(directory, prompt: str, max_new_tokens: int) -> str:
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     ids = torch.as_tensor([tok.encode(prompt, add_special_tokens=False)])
+    # an explicit mask: without one, generate masks every prompt token equal to pad_token_id
+    # (id 0 is '\n' in the char tokenizer), and it needs some pad_token_id (our models have none)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
     return tok.decode(out[0].tolist())
 
 
@@ -253,7 +259,8 @@ def test_pretrain_finetune_export_gives_the_same_greedy_text(tiny_config, tmp_pa
     finetune.finetune(lora)
     out = export.export(lora.run.dir, tmp_path / "hf_lora")
     merged, _ = finetune.merged_params(lora.run.dir)
-    base_cfg, _, base_params, _, _ = export.load_params(base.run.dir, None)
+    base_run = weights.load(base.run.dir)
+    base_cfg, base_params = base_run.cfg, base_run.params
     assert not np.array_equal(merged["blocks"]["attn"]["wq"], base_params["blocks"]["attn"]["wq"])
     ids = tokens(base_cfg)
     assert_logits_match(hf_logits(out, ids), podtrain_logits(base_cfg, merged, {}, ids), "export LoRA-merged")
@@ -379,7 +386,8 @@ def random_hf_moe(directory, arch):
 def test_import_moe_gives_same_logits_and_round_trips_bitwise(tmp_path, arch):
     random_hf_moe(tmp_path / "hf", arch)
     run = export.import_hf(tmp_path / "hf", tmp_path / "run")
-    cfg, _, params, buffers, _ = export.load_params(run, None)
+    loaded = weights.load(run)
+    cfg, params, buffers = loaded.cfg, loaded.params, loaded.buffers
     assert cfg.moe.num_experts in (5, 6)
     ids = tokens(cfg)
     assert_logits_match(hf_logits(tmp_path / "hf", ids), podtrain_logits(cfg, params, buffers, ids),
@@ -389,3 +397,112 @@ def test_import_moe_gives_same_logits_and_round_trips_bitwise(tmp_path, arch):
     assert original.keys() == again.keys()
     for name in original:
         assert original[name].dtype == again[name].dtype and original[name].tobytes() == again[name].tobytes(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning runs: `sample` and `export` read freeze and LoRA runs (whose checkpoints hold
+# {'train', 'frozen'}) as the model `finetune.merged_params` rebuilds, dense and MoE.
+# ---------------------------------------------------------------------------------------------
+
+needs_moe_finetune = pytest.mark.skipif(
+    "moe" not in inspect.signature(adapters.build).parameters,
+    reason="MoE fine-tuning (adapters.build taking the moe config: the ft branch) is not merged yet",
+)
+FT_KINDS = {
+    "dense": (),
+    # DeepSeek-style sigmoid router whose biases move every step (moe.bias_update_rate): the
+    # fine-tuned run's buffers differ from the base run's, so reading the wrong ones shows
+    "moe": ("moe.num_experts=4", "moe.top_k=2", "moe.expert_mlp_dim=32", "moe.router=sigmoid_bias",
+            "moe.bias_update_rate=0.05"),
+}
+FT_MODES = {
+    "freeze": ("finetune.mode=freeze", "finetune.freeze=^embed$|attn/"),
+    "lora": ("finetune.mode=lora", "finetune.lora_rank=2"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dense", pytest.param("moe", marks=needs_moe_finetune)])
+def test_sample_and_export_read_freeze_and_lora_runs(tiny_config, tmp_path, capsys, kind):
+    from train import finetune, generate, integrity, loop
+
+    # a large init_std: the barely trained model's greedy text is varied, not one repeated character
+    model = (*FT_KINDS[kind], "model.init_std=0.3", "train.lr=1e-2")
+    base = tiny_config(*model)
+    loop.pretrain(base)
+    base_run = weights.load(base.run.dir)
+    ids = tokens(base_run.cfg, shape=(2, 16))
+    base_logits = podtrain_logits(base_run.cfg, base_run.params, base_run.buffers, ids)
+    prompt, n = "ROMEO:", 24
+    base_text = generate.sample_run(base.run.dir, prompt, n, temperature=0)
+    assert len(set(base_text[len(prompt):])) > 3
+    for mode, overrides in FT_MODES.items():
+        ft = tiny_config(*model, *overrides, f"finetune.init_from={base.run.dir}", "train.steps=3", "train.lr=5e-2",
+                         f"run.dir={tmp_path / mode}")
+        finetune.finetune(ft)
+        merged, step = finetune.merged_params(ft.run.dir)
+        run = weights.load(ft.run.dir)
+        assert run.step == step == 3 and run.cfg.finetune.mode == mode
+        assert integrity.tree_digest(run.params) == integrity.tree_digest(merged)
+        if kind == "moe":
+            assert integrity.tree_digest(run.buffers) != integrity.tree_digest(base_run.buffers)
+        ours = podtrain_logits(run.cfg, merged, run.buffers, ids)
+        assert np.abs(ours - base_logits).max() > 1e-3, "the fine-tune did not change the model: nothing is tested"
+
+        # sample (the CLI verb) == generation from the merged parameters, != the base's text
+        capsys.readouterr()
+        assert cli.main(["sample", "--run", str(ft.run.dir), "--prompt", prompt, "--max-new-tokens", str(n),
+                         "--temperature", "0"]) == 0
+        graphdef = weights.abstract_trees(run.cfg)[0]
+        variables = weights.merge_trees(jax.device_put(merged), run.buffers)
+        want = generate.generate(graphdef, variables, run.cfg.model, run.tok.encode(prompt), n,
+                                 run.cfg.data.seq_len, temperature=0)
+        assert capsys.readouterr().out == prompt + run.tok.decode(want) + "\n"
+        assert prompt + run.tok.decode(want) != base_text
+
+        # export: transformers' logits are the merged model's; our own format holds the merged tensors
+        out = export.export(ft.run.dir, tmp_path / f"hf_{mode}")
+        assert_logits_match(hf_logits(out, ids), ours, f"export {kind} {mode} run")
+        tensors = load_file(export.export(ft.run.dir, tmp_path / f"st_{mode}", fmt="safetensors") / "model.safetensors")
+        stack = "moe_units" if kind == "moe" else "blocks"
+        for name, x in export._flatten(jax.tree.map(lambda a: np.asarray(a)[1], merged[stack])).items():
+            np.testing.assert_array_equal(tensors[f"{stack}.1.{name}"], x)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@needs_moe_finetune
+def test_moe_pretrain_finetune_export_greedy_text_matches_transformers(tmp_path, tfds_dir, shakespeare_dir, capsys):
+    """The CLI verbs on configs/shakespeare_moe.yaml (its moe section: 8 experts, softmax top-2,
+    renormalized; half its width and layers, for time): pretrain, fine-tune on held-out text,
+    export --format hf; transformers' greedy generate == `podtrain sample --temperature 0` for as
+    many new tokens as the trained context holds (beyond it, sample re-encodes a shorter window)."""
+    where = [f"data.data_dir={tfds_dir}", "data.eval_batches=2", "mesh.devices=1", "run.progress=false",
+             "train.peak_flops=1e11"]
+    base_dir, ft_dir, out = tmp_path / "moe", tmp_path / "moe_ft", tmp_path / "hf"
+    assert cli.main(["pretrain", "--config", str(ROOT / "configs" / "shakespeare_moe.yaml"), *where,
+                     "model.num_layers=2", "model.d_model=64", "model.mlp_dim=176", "moe.expert_mlp_dim=88",
+                     f"data.manual_dir={shakespeare_dir}", "train.steps=300", "train.eval_every=300",
+                     "train.warmup_steps=20", "train.lr=3e-3", "train.min_lr=3e-4", f"run.dir={base_dir}"]) == 0
+    base = configs.to_dict(configs.load(base_dir / "config.yaml"))
+    assert base["moe"]["num_experts"] == 8 and base["moe"]["router"] == "softmax_topk"
+    same_model = [f"{section}.{k}={v}" for section in ("model", "moe") for k, v in base[section].items()]
+    assert cli.main(["finetune", "--config", str(ROOT / "configs" / "shakespeare_char_ft.yaml"), *where, *same_model,
+                     f"data.manual_dir={heldout_dir(tmp_path, tfds_dir)}", f"finetune.init_from={base_dir}",
+                     "train.steps=20", "train.eval_every=20", "train.warmup_steps=2", "train.lr=1e-3",
+                     f"run.dir={ft_dir}"]) == 0
+    assert cli.main(["export", str(ft_dir), "--format", "hf", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+    prompt = "JULIET:\n"
+    n = base["data"]["seq_len"] - len(prompt)  # 56: prompt + new tokens fill the trained context
+    capsys.readouterr()
+    assert cli.main(["sample", "--run", str(ft_dir), "--prompt", prompt, "--max-new-tokens", str(n),
+                     "--temperature", "0"]) == 0
+    ours = capsys.readouterr().out.removesuffix("\n")
+    print(f"greedy continuation of {prompt!r}: {ours[len(prompt):]!r}")
+    assert ours.startswith(prompt) and len(ours) == len(prompt) + n
+    assert len(set(ours[len(prompt):])) > 3  # a real continuation, not one repeated character
+    assert hf_greedy(out, prompt, n) == ours

@@ -4,11 +4,15 @@ Fine-tuning state params are {'train': ..., 'frozen': ...} (train/step.py differ
 updates only 'train'); `materialize(train, frozen)` rebuilds the base model's parameter tree.
 Parameter paths are slash-joined keys, e.g. 'blocks/attn/wq', 'embed'.
 
-LoRA: a targeted weight W with logical axes (layers?, in..., out...) gets factors
-a: (layers?, prod(in), r) ~ N(0, 1/prod(in)) and b: (layers?, r, prod(out)) = 0, and the model sees
-W + (alpha / r) * (a @ b) reshaped to W's shape, so at the start it is exactly the base model.
-The input dimensions are 'embed' when it comes first (wq, w_up, lm_head), else all dimensions
-before a trailing 'embed' (wo, w_down, the embedding table).
+LoRA: a targeted weight W with logical axes (layers?, exp?, in..., out...) gets factors
+a: (layers?, exp?, prod(in), r) ~ N(0, 1/prod(in)) and b: (layers?, exp?, r, prod(out)) = 0, and the
+model sees W + (alpha / r) * (a @ b) reshaped to W's shape, so at the start it is exactly the base
+model. Leading 'layers' and 'exp' axes are batch axes: one pair of factors per layer and per MoE
+expert. The input dimensions are 'embed' when it comes first (wq, w_up, lm_head, expert w_up),
+else all dimensions before a trailing 'embed' (wo, w_down, the embedding table).
+
+MoE models: buffers (router biases) are not parameters; they come from the base run as they are
+and move during fine-tuning only by moe.bias_update_rate (train/step.py).
 """
 
 import dataclasses
@@ -21,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import ModelConfig, axes
+from model.config import MoEConfig
 from parallel import rules
 from train import state as states
 from train.config import ConfigError, FinetuneConfig
@@ -88,8 +93,8 @@ class Adapter:
         return params if self.mode == "full" else self._materialize(params["train"], params["frozen"])
 
 
-def build(cfg: FinetuneConfig, model_cfg: ModelConfig) -> Adapter:
-    _, abstract_vars = states.abstract_model(model_cfg)
+def build(cfg: FinetuneConfig, model_cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> Adapter:
+    _, abstract_vars, _ = states.abstract_model(model_cfg, moe)
     names = {path_str(p): v.get_metadata().get("out_sharding") for p, v in nnx.to_flat_state(abstract_vars)}
     shapes = {path_str(p): v.shape for p, v in nnx.to_flat_state(abstract_vars)}
     if cfg.mode == "full":
@@ -111,16 +116,22 @@ def build(cfg: FinetuneConfig, model_cfg: ModelConfig) -> Adapter:
 
 
 def _lora_dims(path: str, names, shape) -> tuple[tuple[int, ...], int, int]:
+    """(batch dims: leading 'layers' / 'exp' sizes, input size, output size) of a LoRA target."""
     names = tuple(names or ())
-    layer_dims = tuple(d for n, d in zip(names, shape) if n == axes.LAYERS)
-    rest = [(n, d) for n, d in zip(names, shape) if n != axes.LAYERS]
-    if len(rest) < 2 or axes.EMBED not in (rest[0][0], rest[-1][0]):
+    n_batch = 0
+    while n_batch < len(names) and names[n_batch] in _BATCH_AXES:
+        n_batch += 1
+    rest = list(zip(names[n_batch:], shape[n_batch:]))
+    if len(rest) < 2 or axes.EMBED not in (rest[0][0], rest[-1][0]) or any(n in _BATCH_AXES for n, _ in rest):
         raise ConfigError(
             f"finetune.lora_targets matches {path} (axes {names}): LoRA needs a matrix whose first or "
-            f"last axis is 'embed'; narrow the regex"
+            f"last axis is 'embed' after any leading 'layers'/'exp' axes; narrow the regex"
         )
     split = 1 if rest[0][0] == axes.EMBED else len(rest) - 1
-    return layer_dims, math.prod(d for _, d in rest[:split]), math.prod(d for _, d in rest[split:])
+    return tuple(shape[:n_batch]), math.prod(d for _, d in rest[:split]), math.prod(d for _, d in rest[split:])
+
+
+_BATCH_AXES = (axes.LAYERS, axes.EXP)  # one pair of LoRA factors per layer and per expert
 
 
 def shardings(adapter: Adapter, model_shardings: dict, mesh: Mesh):
@@ -135,30 +146,31 @@ def shardings(adapter: Adapter, model_shardings: dict, mesh: Mesh):
     return {"train": {p: {"a": replicated, "b": replicated} for p in adapter.lora}, "frozen": frozen}
 
 
-def layout(adapter: Adapter, model_cfg: ModelConfig, tx, mesh: Mesh) -> states.Layout:
-    """The fine-tuning state's Layout (same fields as train/state.py's, params split by the adapter)."""
-    graphdef, abstract_vars = states.abstract_model(model_cfg)
-    model_shardings = nnx.to_pure_dict(rules.state_shardings(abstract_vars, mesh))
-    abstract_params = jax.eval_shape(lambda p: adapter.split(p, jax.random.key(0)), nnx.to_pure_dict(abstract_vars))
-    param_shardings = shardings(adapter, model_shardings, mesh)
-    train_shardings = param_shardings if adapter.mode == "full" else param_shardings["train"]
-    abstract_train = abstract_params if adapter.mode == "full" else abstract_params["train"]
-    abstract_opt = jax.eval_shape(tx.init, abstract_train)
-    opt_shardings = rules.opt_state_shardings(tx, abstract_opt, train_shardings, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_shardings = states.TrainState(param_shardings, opt_shardings, replicated, replicated)
-    shapes = states.TrainState(abstract_params, abstract_opt, jax.ShapeDtypeStruct((), "int32"),
-                               jax.eval_shape(states.rng_key, 0))
+def layout(adapter: Adapter, model_cfg: ModelConfig, tx, mesh: Mesh, moe: MoEConfig = MoEConfig()) -> states.Layout:
+    """The fine-tuning state's Layout: pretraining's (train/state.py), params split by the adapter
+    and optimizer state for the trained part only."""
+    base = states.layout(model_cfg, tx, mesh, moe)
+    if adapter.mode == "full":
+        return base
+    abstract_params = jax.eval_shape(lambda p: adapter.split(p, jax.random.key(0)), base.abstract.params)
+    param_shardings = shardings(adapter, base.state.params, mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params["train"])
+    opt_shardings = rules.opt_state_shardings(tx, abstract_opt, param_shardings["train"], mesh)
+    state_shardings = base.state.replace(params=param_shardings, opt_state=opt_shardings)
+    shapes = base.abstract.replace(params=abstract_params, opt_state=abstract_opt)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_shardings)
-    return states.Layout(graphdef, mesh, state_shardings, abstract)
+    return states.Layout(base.graphdef, mesh, state_shardings, abstract)
 
 
-def init_state(adapter: Adapter, base_params: dict, tx, lay: states.Layout, seed: int) -> states.TrainState:
-    """Fresh optimizer and step 0 around the base parameters (LoRA factors from the seed)."""
+def init_state(
+    adapter: Adapter, base_params: dict, base_buffers: dict, tx, lay: states.Layout, seed: int
+) -> states.TrainState:
+    """Fresh optimizer and step 0 around the base parameters and buffers (LoRA factors from the seed)."""
 
-    def init(params, key):
+    def init(params, buffers, key):
         params = adapter.split(params, key)
         train = params if adapter.mode == "full" else params["train"]
-        return states.TrainState(params, tx.init(train), jnp.zeros((), "int32"), states.rng_key(seed))
+        return states.TrainState(params, tx.init(train), jnp.zeros((), "int32"), states.rng_key(seed), buffers)
 
-    return jax.jit(init, out_shardings=lay.state)(base_params, jax.random.fold_in(jax.random.key(seed), 2))
+    key = jax.random.fold_in(jax.random.key(seed), 2)
+    return jax.jit(init, out_shardings=lay.state)(base_params, base_buffers, key)

@@ -17,10 +17,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from data import tokenizer as tokenizers
-from train import checkpoint, config as configs, finetune, hf, integrity, state as states
+from train import checkpoint, config as configs, hf, integrity, weights
 from train.config import Config, ConfigError
 
 FORMATS = ("hf", "safetensors")
@@ -124,59 +123,8 @@ class TensorReader:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a run.
+# Fetching a run's layers to the host, one at a time.
 # ---------------------------------------------------------------------------------------------
-
-def abstract_trees(cfg: Config) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, parameters, buffers) of cfg's model; the trees as pure dicts of shapes.
-
-    Buffers (the MoE router bias) exist once MoE is merged; until then the model has none.
-    """
-    moe = getattr(cfg, "moe", None)
-    graphdef, params, *buffers = states.abstract_model(cfg.model, *([moe] if moe is not None else []))
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers[0]) if buffers else {}
-
-
-def merge_trees(a: dict, b: dict) -> dict:
-    """One tree of two with disjoint leaves (parameters and buffers live side by side in the model)."""
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = merge_trees(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
-
-
-def _restore_buffers(run_dir: Path, abstract_buffers: dict, step: int) -> dict:
-    if not jax.tree.leaves(abstract_buffers):
-        return {}
-    ckpts = checkpoint.Checkpoints(run_dir)
-    try:
-        restored = ckpts.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={"buffers": abstract_buffers}, partial_restore=True)))
-    finally:
-        ckpts.close()
-    return restored.state["buffers"]
-
-
-def load_params(run_dir: str | Path, step: int | None):
-    """(config, tokenizer or None, params, buffers, step), arrays on the first local device."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run {run_dir}: not a podtrain run (no config.yaml)")
-    cfg = configs.load(run_dir / "config.yaml")
-    _, abstract_params, abstract_buffers = abstract_trees(cfg)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    on_device = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
-    try:
-        if cfg.finetune.mode == "lora":  # the base model's tree with the LoRA factors merged in
-            params, step = finetune.merged_params(run_dir, step)
-        else:
-            params, step = checkpoint.restore_params(run_dir, on_device(abstract_params), step)
-    except FileNotFoundError as e:
-        raise ConfigError(f"run {run_dir}: {e}") from None
-    buffers = _restore_buffers(run_dir, on_device(abstract_buffers), step)
-    tok = tokenizers.load(run_dir) if (run_dir / tokenizers.FILENAME).exists() else None
-    return cfg, tok, params, buffers, step
-
 
 def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
@@ -258,16 +206,15 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf", step: int | No
         raise ConfigError(f"--format={fmt!r} is not one of {', '.join(FORMATS)}")
     max_bytes = parse_size(max_shard_size)
     _check_out(out)
-    cfg, tok, params, buffers, step = load_params(run_dir, step)
+    run = weights.load(run_dir, step)
     if fmt == "hf":
-        hf.to_hf_config(cfg)  # fail before writing anything
-        biases = [x for path, x in jax.tree_util.tree_flatten_with_path(buffers)[0] if path[-1].key == "bias"]
+        hf.to_hf_config(run.cfg)  # fail before writing anything
+        biases = [x for path, x in jax.tree_util.tree_flatten_with_path(run.buffers)[0] if path[-1].key == "bias"]
         if biases:
-            hf.check_router_bias(cfg, float(min(_host(b).min() for b in biases)))
-    params = merge_trees(params, buffers)
+            hf.check_router_bias(run.cfg, float(min(_host(b).min() for b in biases)))
     tmp = _staging(out)
     try:
-        (_write_hf if fmt == "hf" else _write_safetensors)(cfg, tok, params, tmp, max_bytes)
+        (_write_hf if fmt == "hf" else _write_safetensors)(run.cfg, run.tok, run.variables, tmp, max_bytes)
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
@@ -283,10 +230,10 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf", step: int | No
 def _read_params(cfg: Config, reader: TensorReader) -> tuple[dict, dict]:
     """Our (params, buffers) as host numpy float32 from the HF tensors; every tensor must be used,
     every parameter filled. Buffers the class has no tensor for (Mixtral's router bias) stay 0."""
-    _, abstract_params, abstract_buffers = abstract_trees(cfg)
+    _, abstract_params, abstract_buffers = weights.abstract_trees(cfg)
     params = jax.tree.map(lambda x: np.empty(x.shape, np.float32), abstract_params)
     buffers = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract_buffers)
-    tree = merge_trees(params, buffers)
+    tree = weights.merge_trees(params, buffers)
     filled = collections.Counter()
     unused = reader.names()
     for t in hf.tensor_plan(cfg):

@@ -3,31 +3,28 @@
 Parameters only come from `finetune.init_from=RUN_DIR[:STEP]` (newest valid step by default); the
 optimizer and the learning-rate schedule start fresh. The base run's tokenizer is used: the config's
 model must have the base's parameter shapes, and the data only characters the tokenizer knows; a
-mismatch lists the offending parameter paths or characters (ConfigError, exit 2). The fine-tuning
-run dir checkpoints and resumes exactly like pretraining (train/checkpoint.py).
+mismatch lists the offending parameter paths or characters (ConfigError, exit 2). MoE models also
+take the base run's router biases (buffers) and must route like it (ROUTING_KEYS). This module
+only builds the adapter's layout, the data and the initial state; the steps run in pretraining's
+loop (train/loop.py run_loop), so fine-tuning logs, evaluates, checkpoints and resumes like it.
 
 Data: data.dataset=text_files (plain text, windows as in pretraining) or jsonl (prompt/completion
 pairs, loss on completions only, packed: data/packing.py), or tiny_shakespeare.
 """
 
-import math
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
-from tqdm import tqdm
 
 from data import packing, pipeline
 from data import tokenizer as tokenizers
+from parallel.config import MeshConfig
 from parallel import distributed, mesh as meshes, rules
-from train import adapters, checkpoint, config as configs, loop, metrics as metrics_io, optim
+from train import adapters, checkpoint, config as configs, loop, optim
 from train import state as states, step as steps, validate
 from train.config import Config, ConfigError
-from train.health import BadSteps
-from train.preemption import PreemptionWatch
 
 
 def parse_init_from(value: str) -> tuple[Path, int | None]:
@@ -41,8 +38,13 @@ def parse_init_from(value: str) -> tuple[Path, int | None]:
     return run_dir, step
 
 
+# MoE settings that change what a model with the same parameter shapes computes
+ROUTING_KEYS = ("top_k", "router", "normalize_topk", "n_groups", "topk_groups", "routed_scaling")
+
+
 def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizers.Tokenizer]:
-    """(base run dir, step, its tokenizer), checking the tokenizer kind matches data.tokenizer."""
+    """(base run dir, step, its tokenizer), checking the tokenizer kind matches data.tokenizer and
+    the MoE routing settings (which parameter shapes do not show) match the base run's."""
     run_dir, step = parse_init_from(cfg.finetune.init_from)
     base = checkpoint.Checkpoints(run_dir)
     try:
@@ -51,8 +53,10 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizers.Tokenizer]:
         except FileNotFoundError as e:
             raise ConfigError(f"finetune.init_from={cfg.finetune.init_from}: {e}") from None
         spec = base.read_json(step, "tokenizer")
+        base_moe = base.read_json(step, "config").get("moe", {})
     finally:
         base.close()
+    _check_routing(cfg, base_moe, f"{run_dir} step {step}")
     if spec["kind"] != cfg.data.tokenizer:
         raise ConfigError(
             f"data.tokenizer={cfg.data.tokenizer!r} does not match the base run's {spec['kind']!r} tokenizer: "
@@ -62,19 +66,31 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizers.Tokenizer]:
     return run_dir, step, tok
 
 
-def check_architecture(model_cfg, run_dir: Path, step: int) -> None:
-    """ConfigError listing every parameter path whose shape differs, is missing, or is extra."""
+def _check_routing(cfg: Config, base_moe: dict, where: str) -> None:
+    ours = configs.to_dict(cfg)["moe"]
+    diffs = [f"moe.{k}={ours[k]!r} (base {base_moe[k]!r})" for k in ROUTING_KEYS
+             if cfg.moe.enabled and k in base_moe and base_moe[k] != ours[k]]
+    if diffs:
+        raise ConfigError(
+            f"MoE routing differs from the base run {where}: {'; '.join(diffs)}; "
+            f"use the base run's moe section (its config.yaml)"
+        )
+
+
+def check_architecture(cfg: Config, run_dir: Path, step: int) -> None:
+    """ConfigError listing every parameter or buffer path whose shape differs, is missing, or is extra."""
     with PyTreeCheckpointer() as ckptr:
-        meta = dict(ckptr.metadata(run_dir / checkpoint.DIRNAME / str(step) / "state").item_metadata)["params"]
-    base = {p: tuple(m.shape) for p, m in adapters.flatten(meta).items()}
-    _, abstract_vars = states.abstract_model(model_cfg)
-    ours = {adapters.path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(abstract_vars)}
+        meta = dict(ckptr.metadata(run_dir / checkpoint.DIRNAME / str(step) / "state").item_metadata)
+    base = {p: tuple(m.shape) for part in ("params", "buffers") for p, m in adapters.flatten(meta.get(part) or {}).items()}
+    _, abstract_params, abstract_buffers = states.abstract_model(cfg.model, cfg.moe)
+    ours = {adapters.path_str(p): tuple(v.shape)
+            for tree in (abstract_params, abstract_buffers) for p, v in nnx.to_flat_state(tree)}
     diffs = [f"{p}: base {base.get(p, 'missing')} vs {ours.get(p, 'missing')}"
              for p in sorted(base.keys() | ours.keys()) if base.get(p) != ours.get(p)]
     if diffs:
         raise ConfigError(
             f"model does not match the base run {run_dir} step {step}: {'; '.join(diffs)}; "
-            f"use the base run's model section (its config.yaml)"
+            f"use the base run's model and moe sections (its config.yaml)"
         )
 
 
@@ -108,79 +124,49 @@ def load_data(cfg: Config, tok, pid: int, nproc: int):
 
 
 def finetune(cfg: Config) -> dict:
-    """Fine-tune (or resume fine-tuning in run.dir). Returns final figures and 'params': merged, base tree."""
+    """Fine-tune (or resume fine-tuning in run.dir). Returns loop.run_loop's figures and
+    'params': merged, in the base model's tree; 'base': RUN_DIR:STEP it started from."""
     distributed.initialize()  # joins the job when a launcher started several processes
     mesh = validate.build_mesh(cfg)
     base_dir, base_step, tok = base_checkpoint(cfg)
     cfg = loop.resolve(cfg, tok.vocab_size)
-    check_architecture(cfg.model, base_dir, base_step)
-    pid = jax.process_index()
+    check_architecture(cfg, base_dir, base_step)
     batch_sharding = rules.batch_sharding(mesh)
     part, parts = rules.process_batch_slice(batch_sharding, cfg.train.batch_size)  # this process's rows
     data_iter, val_host = load_data(cfg, tok, part, parts)
     run_dir = loop.prepare_run_dir(cfg, tok)
 
-    adapter = adapters.build(cfg.finetune, cfg.model)
+    adapter = adapters.build(cfg.finetune, cfg.model, cfg.moe)
     tx = optim.optimizer(cfg.train)
-    lay = adapters.layout(adapter, cfg.model, tx, mesh)
-    train_step = steps.make_train_step(lay, tx, cfg.train, adapter.materialize)
+    lay = adapters.layout(adapter, cfg.model, tx, mesh, cfg.moe)
+    train_step = steps.make_train_step(lay, tx, cfg.train, adapter.materialize, moe=cfg.moe)
     eval_step = steps.make_eval_step(lay, adapter.materialize)
     val = [loop.global_batch(b, batch_sharding, cfg.train.batch_size) for b in val_host]
 
     ckpts = checkpoint.Checkpoints(run_dir, cfg.checkpoint)
     state = ckpts.resume(lay.abstract, data_iter)
     if state is None:
-        model_lay = states.layout(cfg.model, tx, mesh)
-        base_params, _ = checkpoint.restore_params(base_dir, model_lay.abstract.params, base_step)
-        state = adapters.init_state(adapter, base_params, tx, lay, cfg.train.seed)
-    start = int(jax.device_get(state.step))
-    saved = {"config": configs.to_dict(cfg), "tokenizer": tok.to_json()}
-    bad, preempted, step = BadSteps(cfg.train.max_bad_steps, before_stop=ckpts.close), False, start
-    log = metrics_io.MetricsLog(run_dir, enabled=pid == 0)
-    progress = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.run.progress or pid != 0, unit="step")
-    val_loss = math.nan if start < cfg.train.steps else loop.evaluate(eval_step, state.params, val)
-    t0 = time.perf_counter()
-    preemption = PreemptionWatch().start()
-    for step in range(start + 1, cfg.train.steps + 1):
-        state, out = train_step(state, loop.global_batch(next(data_iter), batch_sharding, cfg.train.batch_size))
-        bad.observe(step, out["skipped"])
-        row = {}
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            out = jax.device_get(out)
-            row = {"train_loss": out["train_loss"], "grad_norm": out["grad_norm"], "skipped_steps": bad.total,
-                   "elapsed_s": time.perf_counter() - t0}
-            progress.set_postfix(loss=f"{out['train_loss']:.4f}", refresh=False)
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            row["val_loss"] = val_loss = loop.evaluate(eval_step, state.params, val)
-            progress.write(f"step {step}: val_loss {val_loss:.4f}")
-        if row:
-            log.write(step, row)
-        preempted = preemption.reached(step) and step < cfg.train.steps  # the last step ends the run anyway
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted:
-            ckpts.save(state, data_iter, **saved, val_loss=row.get("val_loss"))
-        progress.update(1)
-        if preempted:
-            progress.write(f"step {step}: preempted (SIGTERM); saved this step, stopping")
-            break
-    preemption.stop()
-    bad.flush()
-    progress.close()
-    ckpts.close()
-    if pid == 0:
-        metrics_io.plot_loss(run_dir)
-    log.close()
-    return {
-        "val_loss": val_loss, "step": step, "run_dir": str(run_dir), "state": state, "preempted": preempted,
-        "skipped_steps": bad.total, "params": adapter.merged(state.params), "base": f"{base_dir}:{base_step}",
-    }
+        base = base_parts(cfg, mesh, base_dir, base_step)
+        state = adapters.init_state(adapter, base["params"], base.get("buffers", {}), tx, lay, cfg.train.seed)
+    result = loop.run_loop(cfg, run_dir, tok, lay, state, train_step, eval_step, data_iter, val, ckpts,
+                           eval_first=True)
+    return result | {"params": adapter.merged(result["state"].params), "base": f"{base_dir}:{base_step}"}
+
+
+def base_parts(cfg: Config, mesh, run_dir: Path, step: int) -> dict:
+    """The base run's {'params', 'buffers' (MoE router biases; absent for dense)} at `step`,
+    on the shardings pretraining would give them on `mesh`."""
+    model_lay = states.layout(cfg.model, optim.optimizer(cfg.train), mesh, cfg.moe)
+    parts = {"params": model_lay.abstract.params, "buffers": model_lay.abstract.buffers}
+    parts, _ = checkpoint.restore_parts(run_dir, {k: v for k, v in parts.items() if v}, step)
+    return parts
 
 
 def merged_params(run_dir: str | Path, step: int | None = None):
     """(parameters in the base model's tree with LoRA factors merged, step) of a fine-tuning run: for export."""
     cfg = configs.load(Path(run_dir) / "config.yaml")
-    adapter = adapters.build(cfg.finetune, cfg.model)
-    mesh = meshes.build_mesh(configs.replace(cfg, mesh={"devices": 1, "data": -1, "fsdp": 1, "expert": 1,
-                                                        "tensor": 1}).mesh)
-    lay = adapters.layout(adapter, cfg.model, optim.optimizer(cfg.train), mesh)
+    adapter = adapters.build(cfg.finetune, cfg.model, cfg.moe)
+    mesh = meshes.build_mesh(MeshConfig(devices=1))  # whatever mesh (and slices) the run trained on
+    lay = adapters.layout(adapter, cfg.model, optim.optimizer(cfg.train), mesh, cfg.moe)
     params, step = checkpoint.restore_params(run_dir, lay.abstract.params, step)
     return adapter.merged(params), step

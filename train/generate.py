@@ -10,7 +10,7 @@ from flax import nnx
 
 from data import tokenizer as tokenizers
 from model import init_cache, moe
-from train import checkpoint, config as configs, state as states
+from train import config as configs, weights
 
 
 def pick(logits_V: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -74,30 +74,13 @@ def generate(graphdef, params, cfg_model, prompt_ids, max_new_tokens: int, windo
 
 
 def load_run(run_dir: str | Path, step: int | None = None):
-    """(config, tokenizer, graphdef, params) of a run, params on the local devices; params
-    include the model's buffers (the MoE router bias), if it has any."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise configs.ConfigError(f"--run {run_dir}: not a podtrain run (no config.yaml)")
-    cfg = configs.load(run_dir / "config.yaml")
-    graphdef, abstract, abstract_buffers = states.abstract_model(cfg.model, cfg.moe)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    parts = {"params": nnx.to_pure_dict(abstract), "buffers": nnx.to_pure_dict(abstract_buffers)}
-    parts = {k: v for k, v in parts.items() if v}
-    parts = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), parts)
-    try:
-        restored, step = checkpoint.restore_parts(run_dir, parts, step)
-    except FileNotFoundError as e:
-        raise configs.ConfigError(f"--run {run_dir}: {e}") from None
-    return cfg, tokenizers.load(run_dir), graphdef, _deep_merge(restored["params"], restored.get("buffers", {}))
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    """Nested dicts with disjoint leaves, as one (params and buffers of one model)."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if k in out else v
-    return out
+    """(config, tokenizer, graphdef, variables) of any run (pretraining, full, freeze or LoRA
+    fine-tuning) on the first local device; variables are the model's parameters (LoRA factors
+    merged) and its buffers (the MoE router bias), if it has any."""
+    run = weights.load(run_dir, step, flag="--run")
+    if run.tok is None:
+        raise configs.ConfigError(f"--run {run_dir}: no {tokenizers.FILENAME}; sampling needs the run's tokenizer")
+    return run.cfg, run.tok, run.graphdef, run.variables
 
 
 def sample_run(run_dir, prompt: str, max_new_tokens: int, temperature=1.0, top_k=0, seed=0) -> str:

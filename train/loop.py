@@ -76,9 +76,11 @@ def global_batch(local: dict[str, np.ndarray], sharding, batch_size: int) -> dic
 def evaluate(eval_step, params, batches, buffers=None) -> float:
     total_loss, total_weight = 0.0, 0.0
     for batch in batches:
-        loss_sum, weight = eval_step(params, batch, buffers)
-        total_loss, total_weight = total_loss + loss_sum, total_weight + weight
-    return float(total_loss / total_weight)
+        # one batch at a time: independent programs in flight together can deadlock XLA:CPU with
+        # several devices in one process (each waits in a collective for devices with no thread left)
+        loss_sum, weight = jax.device_get(eval_step(params, batch, buffers))
+        total_loss, total_weight = total_loss + float(loss_sum), total_weight + float(weight)
+    return total_loss / total_weight
 
 
 def pretrain(cfg: Config) -> dict:
@@ -97,7 +99,6 @@ def pretrain(cfg: Config) -> dict:
     train_step = steps.make_train_step(lay, tx, cfg.train, moe=cfg.moe)
     eval_step = steps.make_eval_step(lay)
     batch_sharding = rules.batch_sharding(mesh)
-    pid = jax.process_index()
     t, bs = cfg.data.seq_len, cfg.train.batch_size
     part, parts = rules.process_batch_slice(batch_sharding, bs)  # this process reads only its rows
     data_iter = iter(pipeline.train_dataset(tokens["train"], t, bs, cfg.train.seed, part, parts))
@@ -110,6 +111,24 @@ def pretrain(cfg: Config) -> dict:
     state = ckpts.resume(lay.abstract, data_iter)
     if state is None:
         state = states.init_state(cfg.model, tx, lay, cfg.train.seed, cfg.moe)
+    return run_loop(cfg, run_dir, tok, lay, state, train_step, eval_step, data_iter, val, ckpts)
+
+
+def run_loop(
+    cfg: Config, run_dir: Path, tok, lay: states.Layout, state: states.TrainState, train_step, eval_step, data_iter,
+    val: list, ckpts: checkpoint.Checkpoints, *, eval_first: bool = False,
+) -> dict:
+    """The step loop that pretrain and finetune share: steps state.step + 1 .. train.steps, logs
+    (loss, lr, tokens/s, MFU, MoE statistics), evaluates (with state.buffers), checkpoints, stops
+    on SIGTERM or diverged training. Returns the final figures.
+
+    eval_first: a fresh run (step 0) first evaluates and logs the model it starts from (fine-tuning:
+    the base model on the new data). On SIGTERM: finishes the current step, saves it and returns
+    with 'preempted': True.
+    """
+    t, bs = cfg.data.seq_len, cfg.train.batch_size
+    pid = jax.process_index()
+    batch_sharding = rules.batch_sharding(lay.mesh)
     start = int(jax.device_get(state.step))
     saved = {"config": configs.to_dict(cfg), "tokenizer": tok.to_json()}
     bad = BadSteps(cfg.train.max_bad_steps, before_stop=ckpts.close)
@@ -124,6 +143,10 @@ def pretrain(cfg: Config) -> dict:
         unit="step", dynamic_ncols=True, mininterval=1.0,
     )
     val_loss = math.nan
+    if eval_first and start == 0:
+        val_loss = evaluate(eval_step, state.params, val, state.buffers)
+        log.write(0, {"val_loss": val_loss})
+        progress.write(f"step 0: val_loss {val_loss:.4f} (before training)")
     window_start, window_steps = None, 0
     preemption = PreemptionWatch().start()
     for step in range(start + 1, cfg.train.steps + 1):

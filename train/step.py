@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec
 
 from model import moe as moe_lib
 from model.config import MoEConfig
-from parallel import rules
+from parallel import devices, rules
 from train.config import TrainConfig
 from train.state import Layout, TrainState
 
@@ -26,6 +26,17 @@ def lm_loss(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
     w_BT = jnp.ones_like(nll_BT) if weights_BT is None else weights_BT.astype(jnp.float32)
     total = jnp.sum(w_BT)
     return jnp.sum(nll_BT * w_BT) / jnp.maximum(total, 1.0), total
+
+
+def _loss_and_weight_sums(logits_BTV, targets_BT, weights_BT=None):
+    """(sum of weighted token losses, sum of weights) as one reduction: one all-reduce across
+    devices. Two independent all-reduces in one program can deadlock XLA:CPU with several devices
+    in a process (each blocks a worker of the shared thread pool waiting for the other devices)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+    w_BT = jnp.ones_like(nll_BT) if weights_BT is None else weights_BT.astype(jnp.float32)
+    sums = jnp.sum(jnp.stack([nll_BT * w_BT, w_BT], axis=-1), axis=(0, 1))
+    return sums[0], sums[1]
 
 
 def apply(graphdef, params, batch: Batch):
@@ -115,11 +126,16 @@ def make_train_step(
         to_model = (lambda p: p) if materialize is None else (lambda p: materialize(p, frozen))
         with nnx.logical_axis_rules(rules.activation_rules()):
             (loss, stats), grads = _grads(lay.graphdef, train, state.buffers, batch, cfg, to_model)
-        updates, opt_state = tx.update(grads, state.opt_state, train)
-        new = optax.apply_updates(train, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # else skip the update (the loop counts these)
-        new, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (new, opt_state), (train, state.opt_state))
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, train)
+            return optax.apply_updates(train, updates), opt_state
+
+        # a cond, not a select between new and old: the select kept the old optimizer state alive
+        # next to the new, and XLA copied every donated moment buffer each step
+        new, opt_state = jax.lax.cond(finite, update, lambda _: (train, state.opt_state), None)
         params = new if materialize is None else {"train": new, "frozen": frozen}
         metrics = {"train_loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
         buffers = state.buffers
@@ -131,7 +147,10 @@ def make_train_step(
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers), metrics
 
     batch_sharding = rules.batch_sharding(lay.mesh)
-    jitted = jax.jit(step, in_shardings=(lay.state, batch_sharding), out_shardings=(lay.state, None), donate_argnums=0)
+    jitted = jax.jit(
+        step, in_shardings=(lay.state, batch_sharding), out_shardings=(lay.state, None), donate_argnums=0,
+        compiler_options=devices.compiler_options(lay.mesh),
+    )
     return under_mesh(jitted, lay.mesh)
 
 
@@ -143,11 +162,11 @@ def make_eval_step(lay: Layout, materialize=None):
             params = materialize(params["train"], params["frozen"])
         with nnx.logical_axis_rules(rules.activation_rules()):
             logits_BTV, _ = apply_with_stats(lay.graphdef, params, batch, buffers, train=False)
-        loss, total = lm_loss(logits_BTV, batch["targets"], batch.get("weights"))
-        return loss * total, total
+        return _loss_and_weight_sums(logits_BTV, batch["targets"], batch.get("weights"))
 
     in_shardings = (lay.params, rules.batch_sharding(lay.mesh), lay.state.buffers)
-    jitted = under_mesh(jax.jit(step, in_shardings=in_shardings), lay.mesh)
+    jitted = jax.jit(step, in_shardings=in_shardings, compiler_options=devices.compiler_options(lay.mesh))
+    jitted = under_mesh(jitted, lay.mesh)
 
     def call(params, batch, buffers=None):
         return jitted(params, batch, {} if buffers is None else buffers)
