@@ -161,7 +161,9 @@ def parse_target(name: str, key: str = "--topology") -> "Slice | GpuNodes":
 
 def has_cuda_plugin() -> bool:
     """Whether JAX's CUDA plugin (the jax-cuda12-plugin wheel) is installed."""
-    return importlib.util.find_spec("jax_plugins") is not None and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    if importlib.util.find_spec("jax_plugins") is None:  # the plugins' namespace package
+        return False
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
 
 
 def gpu_devices(nodes: GpuNodes):

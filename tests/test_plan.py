@@ -117,7 +117,9 @@ def test_ragged_dot_kernels_are_charged_for_the_rows_routing_fills():
 
     dev = topology.devices(topology.parse("v5p-8"))[0]
     rows, d, f, experts = 2048, 256, 512, 4
-    shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt, sharding=jax.sharding.SingleDeviceSharding(dev))  # noqa: E731
+    def shape(*s, dt=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(s, dt, sharding=jax.sharding.SingleDeviceSharding(dev))
+
     compiled = jax.jit(jax.lax.ragged_dot).lower(
         shape(rows, d), shape(experts, d, f), shape(experts, dt=jnp.int32)).compile()
     [(buffer, tile, charged)] = plan.ragged_kernels(compiled.as_text())
@@ -150,7 +152,11 @@ def test_a_large_flops_disagreement_is_a_warning():
 
 
 
-@pytest.mark.skipif(not topology.has_cuda_plugin(), reason="compiling for GPUs needs JAX's CUDA plugin: pip install -e '.[gpu-plan]' (CI does)")
+@pytest.mark.skipif(
+    not topology.has_cuda_plugin(),
+    reason="compiling for GPUs needs JAX's CUDA plugin: pip install -e '.[gpu-plan]' (not in `make setup`: once "
+    "installed, every JAX process on a machine without a GPU logs CUDA-driver notices)",
+)
 def test_plan_compiles_the_train_step_for_an_h100_node():
     """No GPU here: the CUDA plugin compiles for the H100 target description."""
     cfg = configs.load(None, TINY)
