@@ -158,9 +158,9 @@ def parser() -> argparse.ArgumentParser:
     ck.add_argument("run_dir", help="run directory")
     ck.set_defaults(func=_checkpoints)
 
-    pln = sub.add_parser("plan", help="compile the train step for a TPU slice here (no TPU): memory, FLOPs, step time")
+    pln = sub.add_parser("plan", help="compile the train step for a TPU slice or GPU nodes here (no accelerator): memory, FLOPs, step time")
     pln.add_argument("--config", required=True)
-    pln.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-256, v5litepod-16, v6e-64 or v5p:4x4x8")
+    pln.add_argument("--topology", required=True, help="TPU slice (v5p-256, v5litepod-16, v6e-64, v5p:4x4x8) or H100 nodes of 8 (h100-8, h100-16)")
     pln.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
     pln.add_argument("--search", action="store_true", help="try mesh degrees and remat policies, rank those that fit")
     pln.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=512")

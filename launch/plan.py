@@ -12,10 +12,24 @@ TPUs (model.scan_layers=auto). From the compiled executable:
   of a while loop once, and the layers run in a `lax.scan`, so L - 1 more layer bodies are added,
   one body's cost measured by two extra compiles of the same step with 1 and 2 layers unrolled:
   F = F_scanned + (L - 1) * (F_2 layers - F_1 layer).
+- Two FLOP counts side by side: the compiled one above and the analytic model FLOPs (6N +
+  attention, model/config.py, as the training loop reports it). They should differ by the remat
+  recompute (full remat runs the forward twice: 8N/6N) and a little non-matmul work; a larger gap
+  is printed as a warning with its likely cause, never hidden in the MFU.
+- MoE on TPU: `ragged_dot` compiles to a Mosaic kernel whose grid is data dependent (it visits
+  only the row tiles its groups fill), but cost analysis charges the kernel's static estimate,
+  i.e. every row of its buffer. The dropless expert-parallel exchange hands each device a buffer
+  of `expert` x its own pairs, so cost analysis charges ep x the routed rows (measured: a MoE
+  layer alone, ep=4, forward 4.0x the analytic FLOPs). The step-time estimate therefore charges
+  each ragged_dot kernel for the rows balanced routing fills (this chip's token x top_k pairs,
+  plus one row tile per local expert). The weight gradient of ragged_dot is a different story:
+  XLA lowers it to a dense, masked batched matmul over every local expert and every buffer row,
+  work the TPU really does, so it stays charged in full.
 - step time: a roofline lower bound, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip,
-  with published peaks (parallel/devices.py). It ignores ICI/DCN collectives and assumes perfect
-  overlap and full MXU use, so real steps are slower; MFU is model FLOPs (6N + attention, as the
-  training loop reports it) / (chips * peak * step time), hence an upper bound as well.
+  with published peaks (parallel/devices.py), from the compiled FLOPs (with the ragged_dot
+  correction): they include remat recompute and whatever the compiled program really does. It
+  ignores ICI/DCN collectives and assumes perfect overlap and full MXU use, so real steps are
+  slower; MFU is model FLOPs / (chips * peak * step time), hence an upper bound as well.
 
 `search` compiles candidate layouts (mesh degrees x remat policies) the same way and ranks those
 that fit by the estimated step time.
@@ -42,6 +56,14 @@ GiB = 2**30
 OOM = (re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
        re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"))
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# A ragged_dot Mosaic kernel in compiled TPU HLO: `%name = f32[ROWS,N]{...} custom-call(...)` with a
+# ragged_dot_tiling attribute ("tile rows,tile k,tile n") and the kernel's static cost estimate.
+RAGGED_KERNEL = re.compile(
+    r"= \w+\[(\d+),\d+\]\S* custom-call\(.*ragged_dot_tiling=\"(\d+),.*\"cost_estimate\":\{\"flops\":\"(\d+)\""
+)
+# compiled FLOPs / model FLOPs outside this band is reported as a disagreement: full remat runs
+# the forward twice (8N / 6N = 1.33) and softmax, norms and the optimizer add a few percent.
+AGREE = (0.8, 1.6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +110,8 @@ class Estimate:
     hbm: float
     memory: Memory | None  # None when the compiler refused (see oom)
     oom: OutOfMemory | None
-    flops: float  # per chip per step, loop-corrected cost analysis
+    flops: float  # per chip per step: loop-corrected cost analysis, ragged_dot kernels at balanced routing
+    cost_analysis_flops: float  # the same, every ragged_dot kernel charged for its whole buffer
     bytes_accessed: float
     model_flops: float  # per step, all chips
     peak_flops: float
@@ -104,16 +127,31 @@ class Estimate:
         return self.memory is not None and self.memory.total <= self.hbm
 
     @property
+    def step_flops(self) -> float:
+        """FLOPs per chip the step time is computed from: the compiled ones, unless they fall below
+        the model count (work the cost analysis cannot see, e.g. library calls), then the model's."""
+        return self.flops if self.flops_ratio >= AGREE[0] else self.model_flops / self.chips
+
+    @property
     def step_s(self) -> float:
-        return max(self.flops / self.peak_flops, self.bytes_accessed / self.hbm_bandwidth)
+        return max(self.step_flops / self.peak_flops, self.bytes_accessed / self.hbm_bandwidth)
 
     @property
     def bound(self) -> str:
-        return "compute" if self.flops / self.peak_flops >= self.bytes_accessed / self.hbm_bandwidth else "HBM"
+        return "compute" if self.step_flops / self.peak_flops >= self.bytes_accessed / self.hbm_bandwidth else "HBM"
 
     @property
     def mfu(self) -> float:
         return self.model_flops / (self.chips * self.peak_flops * self.step_s)
+
+    @property
+    def flops_ratio(self) -> float:
+        """Compiled FLOPs (all chips) / model FLOPs."""
+        return self.flops * self.chips / self.model_flops
+
+    @property
+    def agrees(self) -> bool:
+        return AGREE[0] <= self.flops_ratio <= AGREE[1]
 
     @property
     def layout(self) -> str:
@@ -167,44 +205,81 @@ def _compile_or_oom(cfg: Config, devs):
 
 
 
-def _cost(compiled) -> tuple[float, float]:
-    cost = compiled.cost_analysis()
+def routed_rows_per_chip(cfg: Config, devs) -> tuple[float, int]:
+    """(token x expert pairs one chip routes per MoE layer, experts per chip); (0, 0) for dense.
+    The batch is split over every mesh axis but `tensor` (parallel/rules.py)."""
+    if not validate.num_experts(cfg):
+        return 0.0, 0
+    ici, dcn = meshes.resolve_degrees(cfg.mesh, len(devs))
+    degree = {axis: i * d for axis, i, d in zip(AXES, ici, dcn)}
+    shards = len(devs) // degree["tensor"]
+    pairs = cfg.train.batch_size * cfg.data.seq_len * cfg.moe.top_k / shards
+    return pairs, max(1, cfg.moe.num_experts // degree["expert"])
+
+
+def ragged_kernels(hlo_text: str) -> list[tuple[int, int, float]]:
+    """(buffer rows, row tile, charged FLOPs) of every ragged_dot kernel in compiled TPU HLO."""
+    return [(int(r), int(t), float(f)) for r, t, f in RAGGED_KERNEL.findall(hlo_text)]
+
+
+def _hlo_cost(compiled) -> dict:
+    """XLA's HLO cost analysis of the optimized module, run by the host (CPU) client: for
+    compile-only GPU executables, whose own cost_analysis() is empty. jax has no public entry
+    point for it; `Lowered.cost_analysis` uses the same function on the unoptimized module."""
+    from jax._src.lib import _jax
+
+    (module,) = compiled.runtime_executable().hlo_modules()
+    return _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+
+
+def _cost(compiled, routed: tuple[float, int] = (0.0, 0)) -> tuple[float, float, float]:
+    """(FLOPs with ragged_dot kernels at the rows `routed` fills, cost-analysis FLOPs, bytes).
+    `routed`: `routed_rows_per_chip`; (0, 0) leaves every kernel charged in full."""
+    cost = compiled.cost_analysis() or _hlo_cost(compiled)
     cost = cost[0] if isinstance(cost, list) else cost
-    return cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+    flops, bytes_ = cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)
+    pairs, local_experts = routed
+    balanced = flops
+    if pairs:
+        for rows, tile, charged in ragged_kernels(compiled.as_text()):
+            filled = min(rows, pairs + local_experts * tile)  # each expert's last tile is partly empty
+            balanced -= charged * (1 - filled / rows)
+    return balanced, flops, bytes_
 
 
 def _shallow(cfg: Config, layers: int) -> Config:
     return configs.replace(cfg, model={"num_layers": layers, "scan_layers": "unroll"})
 
 
-def layer_cost(cfg: Config, devs) -> tuple[float, float]:
-    """(FLOPs, bytes) per chip of one more layer: 2-layer minus 1-layer compile, both unrolled."""
+def layer_cost(cfg: Config, devs) -> tuple[float, float, float]:
+    """`_cost` per chip of one more layer: 2-layer minus 1-layer compile, both unrolled."""
     (c1, _), (c2, _) = (_compile_or_oom(_shallow(cfg, k), devs) for k in (1, 2))
     if not (c1 and c2):
-        return math.nan, math.nan
-    (f1, b1), (f2, b2) = _cost(c1), _cost(c2)
-    return f2 - f1, b2 - b1
+        return math.nan, math.nan, math.nan
+    routed = routed_rows_per_chip(cfg, devs)
+    return tuple(b - a for a, b in zip(_cost(c1, routed), _cost(c2, routed)))
 
 
 def estimate(cfg: Config, devs, per_layer=None) -> Estimate:
     """Figures of `cfg`'s layout on `devs`: the full-depth compile, with the scanned layer body's
-    cost counted num_layers times. `per_layer`: (FLOPs, bytes) from `layer_cost`, or a function
-    returning them, called only when the layout compiles (computed here if not given)."""
+    cost counted num_layers times. `per_layer`: `layer_cost`'s result, or a function returning
+    it, called only when the layout compiles (computed here if not given)."""
     t0 = time.perf_counter()
     compiled, oom = _compile_or_oom(cfg, devs)
-    flops = bytes_ = 0.0
+    flops = charged = bytes_ = 0.0
     if compiled:
         per_layer = per_layer or layer_cost(cfg, devs)
         per_layer = per_layer() if callable(per_layer) else per_layer
-        (f, b), extra = _cost(compiled), cfg.model.num_layers - 1
-        flops, bytes_ = f + extra * per_layer[0], b + extra * per_layer[1]
-        flops, bytes_ = (0.0, 0.0) if math.isnan(flops) else (flops, bytes_)
+        whole, extra = _cost(compiled, routed_rows_per_chip(cfg, devs)), cfg.model.num_layers - 1
+        flops, charged, bytes_ = (w + extra * p for w, p in zip(whole, per_layer))
+        flops, charged, bytes_ = (0.0, 0.0, 0.0) if math.isnan(flops) else (flops, charged, bytes_)
     kind = devs[0].device_kind
     mesh, _ = meshes.resolve_degrees(cfg.mesh, len(devs))
     return Estimate(
         mesh=dict(zip(AXES, mesh)), dcn=dict(zip(AXES, cfg.mesh.dcn)), remat=cfg.model.remat,
         device_kind=kind, chips=len(devs), hbm=chips.published(chips.PUBLISHED_HBM, kind) or math.inf,
-        memory=Memory.of(compiled) if compiled else None, oom=oom, flops=flops, bytes_accessed=bytes_,
+        memory=Memory.of(compiled) if compiled else None, oom=oom, flops=flops, cost_analysis_flops=charged,
+        bytes_accessed=bytes_,
         model_flops=cfg.model.flops_per_token(cfg.data.seq_len, cfg.moe) * cfg.train.batch_size * cfg.data.seq_len,
         peak_flops=chips.published(chips.PUBLISHED_PEAK, kind),
         hbm_bandwidth=chips.published(chips.PUBLISHED_HBM_BANDWIDTH, kind),
@@ -214,11 +289,10 @@ def estimate(cfg: Config, devs, per_layer=None) -> Estimate:
 
 def plan(cfg: Config, topology_name: str, num_slices: int = 1, log=print) -> Estimate:
     """Compile `cfg` for `num_slices` slices of `topology_name` and report its figures."""
-    sl = topology.parse(topology_name)
+    sl = topology.parse_target(topology_name)
     cfg = _plan_config(cfg, num_slices)
     devs = topology.devices(sl, num_slices)
-    log(f"compiling for {num_slices} x {sl.accelerator_type} ({sl.libtpu_name}, {len(devs)} chips of "
-        f"{devs[0].device_kind}) ...")
+    log(f"compiling for {num_slices} x {sl.describe}, {len(devs)} chips of {devs[0].device_kind} ...")
     validate.build_mesh(cfg, devs)  # ConfigError when the mesh or batch does not suit the topology
     est = estimate(cfg, devs)
     log(report(est, cfg))
@@ -254,18 +328,58 @@ def report(est: Estimate, cfg: Config) -> str:
         ]
     if est.flops:
         tokens = cfg.train.batch_size * cfg.data.seq_len
+        lines += flops_lines(est, cfg)
         lines += [
-            f"FLOPs per step: {est.flops:.3e} per chip (compiled cost analysis, loop-corrected), "
-            f"{est.flops * est.chips:.3e} all chips; model FLOPs {est.model_flops:.3e} "
-            f"(6N + attention; the rest is remat recompute and non-matmul work)",
             f"HBM bytes per step per chip: {est.bytes_accessed:.3e}",
-            f"estimated step time {_seconds(est.step_s)} ({est.bound}-bound roofline at "
+            f"estimated step time {_seconds(est.step_s)} ({est.bound}-bound roofline of the compiled FLOPs at "
             f"{est.peak_flops / 1e12:.0f} TFLOP/s and {est.hbm_bandwidth / 1e9:.0f} GB/s per chip; "
             f"a lower bound: collectives and imperfect overlap not included)",
-            f"  {tokens / est.step_s:,.0f} tokens/s, MFU {est.mfu:.1%} (upper bound)",
+            f"  {tokens / est.step_s:,.0f} tokens/s, MFU {est.mfu:.1%} (model FLOPs / peak; upper bound)",
         ]
     lines.append(f"compile time {est.compile_s:.0f} s")
     return "\n".join(lines)
+
+
+def flops_lines(est: Estimate, cfg: Config) -> list[str]:
+    """Compiled and analytic FLOPs side by side, which one the estimate uses, and any disagreement."""
+    lines = [
+        f"FLOPs per step, all chips: compiled {est.flops * est.chips:.3e} ({est.flops:.3e} per chip; cost analysis, "
+        f"loop-corrected), model {est.model_flops:.3e} (6N + attention): compiled / model = {est.flops_ratio:.2f}",
+    ]
+    if est.cost_analysis_flops > 1.01 * est.flops:
+        lines.append(
+            f"  cost analysis alone says {est.cost_analysis_flops * est.chips:.3e}: it charges each ragged_dot "
+            f"kernel for its whole buffer; the kernels only visit the rows routing fills, so the compiled figure "
+            f"above charges them for balanced routing (tokens x top_k per chip)"
+        )
+    if est.step_flops == est.flops:
+        lines.append(
+            f"  step time uses the compiled FLOPs (they include remat={cfg.model.remat} recompute and what the "
+            f"compiled program really runs); MFU divides the model FLOPs by it"
+        )
+    else:
+        lines.append("  step time uses the model FLOPs: the compiled count is below them, so it misses work")
+    if not est.agrees:
+        lines.append(
+            f"  WARNING: compiled FLOPs are {est.flops_ratio:.2f}x the model FLOPs, outside the {AGREE[0]}-{AGREE[1]}x "
+            f"that remat recompute explains: {_disagreement(est, cfg)}"
+        )
+    return lines
+
+
+def _disagreement(est: Estimate, cfg: Config) -> str:
+    if est.flops_ratio < AGREE[0]:
+        return ("the compiled program does less than the model count (e.g. ops the cost analysis does not count, "
+                "such as library calls); the step time is too optimistic")
+    if validate.num_experts(cfg) and cfg.moe.dispatch == "capacity":
+        return ("capacity dispatch computes every expert's E x C slots, filled or not (capacity_factor x the "
+                "routed rows); the estimate keeps that work")
+    if validate.num_experts(cfg) and est.device_kind.startswith("TPU"):
+        return ("on TPU the weight gradient of lax.ragged_dot compiles to a dense masked matmul over every local "
+                "expert and every row of the expert buffer (with expert parallelism that buffer holds `expert` x the "
+                "routed rows), so the backward pass really does this extra work and the estimate keeps it "
+                "(megablox gmm's weight gradient, jax.experimental.pallas.ops.tpu.megablox, costs 1x)")
+    return "the compiled program does work the model count leaves out; the estimate keeps it"
 
 
 def candidates(cfg: Config, chips_per_slice: int) -> list[dict[str, int]]:
@@ -297,7 +411,7 @@ def search(cfg: Config, topology_name: str, num_slices: int = 1, log=print) -> l
     policy that fits (layouts that do not fit need no FLOPs).
     Returns every estimate, best first.
     """
-    sl = topology.parse(topology_name)
+    sl = topology.parse_target(topology_name)
     cfg = _plan_config(cfg, num_slices)
     devs = topology.devices(sl, num_slices)
     hbm = chips.published(chips.PUBLISHED_HBM, devs[0].device_kind) or math.inf

@@ -31,7 +31,7 @@ PUBLISHED_HBM = {
     "TPU v5": 95 * 2**30,
     "TPU v6 lite": 32 * 2**30,
     "TPU v6e": 32 * 2**30,
-    "NVIDIA H100": 80e9,
+    "NVIDIA H100": 80 * 2**30,  # "80GB" is 80 GiB of HBM3
     "NVIDIA H200": 141e9,
     "NVIDIA A100": 80e9,
 }

@@ -1,5 +1,6 @@
 """`podtrain plan`: the real train step compiled for a small TPU slice on this CPU machine."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def test_plan_compiles_the_train_step_for_v5p_8():
     assert scanned < 0.8 * unrolled
     assert est.flops == pytest.approx(unrolled, rel=0.03)
     assert 0.5 * est.flops * est.chips < est.model_flops < est.flops * est.chips
+    assert est.agrees and est.cost_analysis_flops == est.flops  # dense: no ragged_dot kernel to correct
+    assert "compiled / model = " in lines[-1] and "WARNING" not in lines[-1]
     assert est.step_s == max(est.flops / chips.PUBLISHED_PEAK["TPU v5"],
                              est.bytes_accessed / chips.PUBLISHED_HBM_BANDWIDTH["TPU v5"])
 
@@ -104,3 +107,77 @@ def test_compiler_out_of_memory_is_reported_with_its_figures(capsys):
     out = capsys.readouterr().out
     needed, available = map(float, re.search(r"compiler needs ([\d.]+) GiB per chip, ([\d.]+) GiB", out).groups())
     assert needed > available > 15 and "RESOURCE_EXHAUSTED" in out, out
+
+
+def test_ragged_dot_kernels_are_charged_for_the_rows_routing_fills():
+    """A lone ragged_dot compiled for a v5p chip: cost analysis charges the kernel 2 x rows x D x F,
+    every row of its buffer; `_cost` keeps only the part balanced routing fills."""
+    import jax
+    import jax.numpy as jnp
+
+    dev = topology.devices(topology.parse("v5p-8"))[0]
+    rows, d, f, experts = 2048, 256, 512, 4
+    def shape(*s, dt=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(s, dt, sharding=jax.sharding.SingleDeviceSharding(dev))
+
+    compiled = jax.jit(jax.lax.ragged_dot).lower(
+        shape(rows, d), shape(experts, d, f), shape(experts, dt=jnp.int32)).compile()
+    [(buffer, tile, charged)] = plan.ragged_kernels(compiled.as_text())
+    assert buffer == rows and charged == 2 * rows * d * f and tile in (8, 16, 32, 64, 128, 256, 512)
+    pairs = 256
+    balanced, cost_analysis, _ = plan._cost(compiled, (pairs, experts))
+    assert cost_analysis == pytest.approx(charged, rel=0.01)
+    assert balanced == pytest.approx(cost_analysis - charged * (1 - (pairs + experts * tile) / rows))
+    assert plan._cost(compiled)[0] == cost_analysis  # dense configs: nothing corrected
+
+
+def test_a_large_flops_disagreement_is_a_warning():
+    cfg = configs.load(None, TINY)
+    est = plan.Estimate(
+        mesh={"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, dcn={"data": 1, "fsdp": 1, "expert": 1, "tensor": 1},
+        remat="full", device_kind="TPU v5", chips=8, hbm=95 * 2**30, memory=None, oom=None, flops=1e12,
+        cost_analysis_flops=2e12, bytes_accessed=1e9, model_flops=8e12 / 1.3, peak_flops=459e12,
+        hbm_bandwidth=2765e9, compile_s=1.0,
+    )
+    assert est.agrees and not any("WARNING" in line for line in plan.flops_lines(est, cfg))
+    assert any("cost analysis alone says" in line for line in plan.flops_lines(est, cfg))
+    off = dataclasses.replace(est, model_flops=8e12 / 8.9)
+    warning = [line for line in plan.flops_lines(off, cfg) if "WARNING" in line]
+    assert not off.agrees and warning and "8.90x the model FLOPs" in warning[0]
+    assert off.step_flops == off.flops  # work the compiled program does is kept
+    low = dataclasses.replace(est, model_flops=8e12 * 2)  # the cost analysis misses work: model FLOPs instead
+    assert not low.agrees and low.step_flops == low.model_flops / low.chips > low.flops
+    assert low.step_s == low.model_flops / low.chips / low.peak_flops
+
+
+
+
+@pytest.mark.skipif(
+    not topology.has_cuda_plugin(),
+    reason="compiling for GPUs needs JAX's CUDA plugin: pip install -e '.[gpu-plan]' (not in `make setup`: once "
+    "installed, every JAX process on a machine without a GPU logs CUDA-driver notices)",
+)
+def test_plan_compiles_the_train_step_for_an_h100_node():
+    """No GPU here: the CUDA plugin compiles for the H100 target description."""
+    cfg = configs.load(None, TINY)
+    lines = []
+    est = plan.plan(cfg, "h100-8", log=lines.append)
+    assert (est.chips, est.hbm) == (8, chips.PUBLISHED_HBM["NVIDIA H100"]) and est.fits
+    assert est.device_kind.startswith("NVIDIA H100") and est.peak_flops == chips.PUBLISHED_PEAK["NVIDIA H100"]
+    assert est.agrees and "fits: yes" in lines[-1], lines[-1]
+    pod_cfg = plan._plan_config(cfg, 1)
+    devs = topology.devices(topology.parse_target("h100-8"))
+    expected = plan.state_bytes_per_chip(pod_cfg, meshes.build_mesh(pod_cfg.mesh, devs)) + 2 * 1 * 32 * 4
+    assert expected <= est.memory.arguments <= 1.05 * expected
+
+
+def test_gpu_topology_names(capsys):
+    assert topology.parse_target("h100-8") == topology.GpuNodes("h100", 1, 8)
+    assert topology.parse_target("h100-32") == topology.GpuNodes("h100", 4, 8)
+    assert topology.parse_target("v5p-256") == topology.parse("v5p-256")
+    assert cli.main(["plan", "--config", CONFIG, "--topology", "h100-12", *TINY]) == 2
+    assert "nodes of 8" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", CONFIG, "--topology", "h100-8", "--num-slices", "2", *TINY]) == 2
+    assert "--topology=h100-16" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", CONFIG, "--topology", "a100-8", *TINY]) == 2
+    assert "h100-8" in capsys.readouterr().err

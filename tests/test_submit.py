@@ -137,26 +137,78 @@ def test_sbatch_rejects_values_sbatch_would_misread():
         submits.build(_cfg("launch.slurm_partition=gpu; rm"), "slurm")
 
 
+# From the gcloud reference pages (cloud.google.com/sdk/gcloud/reference/compute/tpus/...): each
+# command's positional arguments and the flags it documents (of those we could use), the flags it
+# requires, and the values we need. tpu-vm create takes --version; queued-resources create takes
+# --runtime-version; only queued-resources ssh/scp take --node.
+WHERE = {"--zone", "--project"}
+GCLOUD = {
+    ("compute", "tpus", "tpu-vm", "create"): (1, WHERE | {"--accelerator-type", "--version"}, {"--version"}),
+    ("compute", "tpus", "tpu-vm", "ssh"): (1, WHERE | {"--worker", "--command"}, set()),
+    ("compute", "tpus", "tpu-vm", "scp"): (None, WHERE | {"--worker", "--recurse"}, set()),
+    ("compute", "tpus", "queued-resources", "create"): (
+        1, WHERE | {"--accelerator-type", "--runtime-version", "--node-count", "--node-prefix"},
+        {"--runtime-version", "--node-count"}),
+    ("compute", "tpus", "queued-resources", "describe"): (1, WHERE | {"--format"}, set()),
+    ("compute", "tpus", "queued-resources", "ssh"): (1, WHERE | {"--worker", "--node", "--command"}, set()),
+    ("compute", "tpus", "queued-resources", "scp"): (None, WHERE | {"--worker", "--node", "--recurse"}, set()),
+}
+
+
+def _check_documented(argv: list[str]) -> tuple[tuple[str, ...], dict[str, str | None]]:
+    """(command path, flags) of a gcloud argv, asserting it uses only documented flags and positionals."""
+    assert argv[0] == "gcloud"
+    path = tuple(argv[1:5])
+    assert path in GCLOUD, f"undocumented command: gcloud {' '.join(path)}"
+    positionals, allowed, required = GCLOUD[path]
+    flags = dict((a.split("=", 1) + [None])[:2] for a in argv[5:] if a.startswith("--"))
+    args = [a for a in argv[5:] if not a.startswith("--")]
+    assert set(flags) <= allowed, f"gcloud {' '.join(path)}: undocumented {set(flags) - allowed}"
+    assert required <= set(flags), f"gcloud {' '.join(path)}: missing {required - set(flags)}"
+    assert positionals is None or len(args) == positionals, argv
+    return path, flags
+
+
+def _fake_gcloud(bin_dir: Path, log: Path) -> None:
+    """A gcloud that logs its argv like `_fake_tool` and answers `describe` with an ACTIVE state."""
+    _fake_tool(bin_dir, "gcloud", log)
+    tool = bin_dir / "gcloud"
+    tool.write_text(tool.read_text() + 'case " $* " in *" describe "*) echo ACTIVE;; esac\n')
+
+
 @pytest.mark.parametrize("slices", [1, 2])
 def test_tpu_vm_dry_run_is_the_script_that_runs(tmp_path, slices):
     """The dry-run script, run with a stand-in gcloud, writes the job config and calls gcloud with
-    exactly the submission's commands; the remote command keeps the job name inert."""
+    exactly the submission's commands, each in its documented syntax; the remote command keeps
+    the job name inert."""
     cfg = _with_name(_cfg(f"launch.num_slices={slices}", "launch.zone=us-east5-a", "launch.project=p"), EVIL)
     sub = submits.build(cfg, "tpu-vm")
     script = sub.script()
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     log = tmp_path / "calls"
-    _fake_tool(tmp_path, "gcloud", log)
+    _fake_gcloud(tmp_path, log)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, check=True)
-    assert [["gcloud", *c] for c in _calls(log)] == sub.commands
+    calls = [["gcloud", *c] for c in _calls(log)]
+    describes = [c for c in calls if c[4] == "describe"]
+    assert [c for c in calls if c not in describes] == [c for c in sub.commands if c[0] == "gcloud"]
     written = (tmp_path / submits.stage_dir(cfg) / submits.JOB_CONFIG).read_text()
     assert written == submits.job_config(cfg, tpu_slices=True)
+
     name = submits.resource_name(EVIL)
-    create = sub.commands[0]
-    assert name in create and "--accelerator-type=v5p-256" in create and "--zone=us-east5-a" in create
-    assert ("--node-count=2" in create) == (slices == 2)
-    remote = sub.commands[-1][-1].removeprefix("--command=")
+    group = "tpu-vm" if slices == 1 else "queued-resources"
+    steps = [_check_documented(c) for c in calls]
+    assert [p[3] for p, _ in steps] == ["create", *["describe"] * (slices > 1), "ssh", "scp", "ssh"]
+    assert {p[2] for p, _ in steps} == {group}
+    (_, create), *_, (_, run) = steps
+    assert calls[0][5] == name and create["--accelerator-type"] == "v5p-256" and create["--zone"] == "us-east5-a"
+    assert create.get("--node-count") == (None if slices == 1 else "2")
+    for path, flags in steps:
+        if path[3] in ("ssh", "scp"):  # every worker of every slice
+            assert flags["--worker"] == "all" and flags.get("--node") == (None if slices == 1 else "all")
+    scp = next(c for c in calls if c[4] == "scp")
+    assert f"{name}:{tpu_vm.REMOTE_DIR}/" in scp and "--recurse" in scp
+    remote = run["--command"]
     assert remote == tpu_vm.worker_command(cfg)
     # On a worker: with stand-in pip/python3 the name reaches the environment verbatim, inertly.
     (tmp_path / tpu_vm.REMOTE_DIR).mkdir()
@@ -166,6 +218,20 @@ def test_tpu_vm_dry_run_is_the_script_that_runs(tmp_path, slices):
     subprocess.run(["bash", "-c", remote], cwd=tmp_path, env=env, check=True)
     assert (tmp_path / tpu_vm.REMOTE_DIR / "name.txt").read_text() == EVIL
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+@pytest.mark.parametrize("state, code", [("FAILED", 1), ("ACTIVE", 0)])
+def test_queued_resource_wait_stops_on_failure(tmp_path, state, code):
+    """Multi-slice: nothing is copied until the queued resource is ACTIVE; a FAILED one stops the script."""
+    cfg = _cfg("launch.num_slices=2", "launch.zone=us-east5-a")
+    name = submits.resource_name(cfg.launch.job_name)
+    wait = tpu_vm.wait_until_active(["gcloud", "compute", "tpus", "queued-resources"], name, ["--zone=us-east5-a"])
+    assert submits.build(cfg, "tpu-vm").commands[1] == wait  # right after create
+    (tmp_path / "gcloud").write_text(f"#!/usr/bin/env bash\necho {state}\n")
+    (tmp_path / "gcloud").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    done = subprocess.run(wait, env=env, capture_output=True, text=True, timeout=20)
+    assert done.returncode == code and (state in done.stderr) == (code == 1)
 
 
 def test_gke_dry_run_script_writes_the_manifest(tmp_path):
