@@ -61,6 +61,14 @@ def podtrain_logits(cfg, params, buffers, tokens_BT) -> np.ndarray:
     return np.asarray(logits)
 
 
+def assert_same_tensors(path_a, path_b) -> None:
+    """The two safetensors files hold the same names with bitwise-equal tensors of the same dtype."""
+    original, again = load_file(path_a), load_file(path_b)
+    assert original.keys() == again.keys()
+    for name in original:
+        assert original[name].dtype == again[name].dtype and original[name].tobytes() == again[name].tobytes(), name
+
+
 def hf_logits(directory, tokens_BT) -> np.ndarray:
     # eager experts: a plain loop over experts (torch's grouped_mm on CPU needs 16-byte strides,
     # which the deliberately odd expert widths here do not have)
@@ -155,10 +163,7 @@ def test_import_llama_gives_same_logits_and_round_trips_bitwise(tmp_path, tie):
                         f"import llama {'tied' if tie else 'untied'}")
 
     out = export.export(run, tmp_path / "again")
-    original, again = load_file(tmp_path / "llama" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert original.keys() == again.keys()
-    for name in original:
-        assert original[name].dtype == again[name].dtype and original[name].tobytes() == again[name].tobytes(), name
+    assert_same_tensors(tmp_path / "llama" / "model.safetensors", out / "model.safetensors")
     assert (tmp_path / "llama" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
@@ -393,10 +398,7 @@ def test_import_moe_gives_same_logits_and_round_trips_bitwise(tmp_path, arch):
     assert_logits_match(hf_logits(tmp_path / "hf", ids), podtrain_logits(cfg, params, buffers, ids),
                         f"import {arch}")
     out = export.export(run, tmp_path / "again")
-    original, again = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert original.keys() == again.keys()
-    for name in original:
-        assert original[name].dtype == again[name].dtype and original[name].tobytes() == again[name].tobytes(), name
+    assert_same_tensors(tmp_path / "hf" / "model.safetensors", out / "model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
