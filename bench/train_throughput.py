@@ -6,7 +6,8 @@ back-to-back steps; the figure is the median over `--reps`. Two layouts per shap
 (XLA threads each op over the cores) and `podtrain pretrain`'s default on a CPU host, one device
 per core with the batch data-parallel over them (parallel/devices.py: use_cpu_cores).
 
-MFU = achieved FLOP/s / measured f32 matmul peak of this machine, with the FLOPs of
+MFU = achieved FLOP/s / measured f32 matmul peak of this machine (the best of several
+measurements spread through the run), with the FLOPs of
 `ModelConfig.flops_per_token` (PaLM convention: 6 * N_matmul + 12 * L * N * H * T).
 
     python bench/train_throughput.py [--reps 7] [--steps 20]
@@ -75,27 +76,35 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     cores = devices.use_cpu_cores()  # before the backend starts
-    peak = devices.measure_matmul_peak(n=1024, seconds=args.peak_seconds)
+    peaks = [devices.measure_matmul_peak(n=1024, seconds=args.peak_seconds)]
     print(f"backend {jax.default_backend()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    print(f"measured f32 matmul peak (1024^3, best of {args.peak_seconds:.0f} s): {peak / 1e9:.1f} GFLOP/s")
     print("FLOPs per token: PaLM convention, 6 * N_matmul (incl. the V x D head) + 12 * L * N * H * T")
+    rows = []
     for (name, overrides), n_steps in ((NANOGPT, args.steps), (LARGE, args.large_steps)):
         batch = load_config(overrides, 1).train.batch_size
         per_core = max(d for d in range(1, cores + 1) if batch % d == 0)  # as `podtrain pretrain` picks
         layouts = [("1 device", 1)] + ([(f"{per_core} devices, one per core", per_core)] if per_core > 1 else [])
         for layout, num_devices in layouts:
             cfg = load_config(overrides, num_devices)
-            tokens = cfg.train.batch_size * cfg.data.seq_len
-            per_step = time_train_step(cfg, args.reps, n_steps)
-            med = statistics.median(per_step)
-            tok_s = tokens / med
-            spread = f"{tokens / max(per_step):,.0f}..{tokens / min(per_step):,.0f}"
-            mfu = tok_s * cfg.model.flops_per_token(cfg.data.seq_len) / peak
-            print(
-                f"{name}, {layout}: {med * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s (range {spread} over "
-                f"{args.reps} reps), {cfg.model.flops_per_token(cfg.data.seq_len) / 1e6:.2f} MFLOP/token, MFU {mfu:.1%}"
-            )
-
+            rows.append((f"{name}, {layout}", cfg, time_train_step(cfg, args.reps, n_steps)))
+            # the machine's speed drifts: the peak is re-measured between layouts and the best
+            # of all is the MFU's denominator (a low peak would flatter every MFU)
+            peaks.append(devices.measure_matmul_peak(n=1024, seconds=args.peak_seconds))
+    peak = max(peaks)
+    print(
+        f"measured f32 matmul peak (1024^3, best of {args.peak_seconds:.0f} s, {len(peaks)} times through the run): "
+        f"{peak / 1e9:.1f} GFLOP/s (each: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})"
+    )
+    for label, cfg, per_step in rows:
+        tokens = cfg.train.batch_size * cfg.data.seq_len
+        med = statistics.median(per_step)
+        tok_s = tokens / med
+        spread = f"{tokens / max(per_step):,.0f}..{tokens / min(per_step):,.0f}"
+        flops = cfg.model.flops_per_token(cfg.data.seq_len)
+        print(
+            f"{label}: {med * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s (range {spread} over {args.reps} reps), "
+            f"{flops / 1e6:.2f} MFLOP/token, MFU {tok_s * flops / peak:.1%}"
+        )
 
 if __name__ == "__main__":
     main()

@@ -168,15 +168,16 @@ def state_bytes_per_chip(cfg: Config, mesh) -> float:
 
 
 def _plan_config(cfg: Config, num_slices: int) -> Config:
-    """The config as it would run on the pod: layers scanned, dropless MoE with ragged_dot, DCN
-    degrees covering the slices."""
+    """The config as it would run on the pod: layers scanned, attention in one block, dropless MoE
+    with ragged_dot, DCN degrees covering the slices."""
     if cfg.model.vocab_size <= 0:
         raise ConfigError("model.vocab_size=0: plan needs an explicit vocabulary size (e.g. 128256)")
     if cfg.mesh.devices:
         raise ConfigError(f"mesh.devices={cfg.mesh.devices}: plan uses every chip of the topology; set it to 0")
     scan = "scan" if cfg.model.scan_layers == "auto" else cfg.model.scan_layers
     ragged = "ragged" if cfg.moe.dropless_impl == "auto" else cfg.moe.dropless_impl  # TPU's choice of "auto"
-    return configs.replace(topology.with_slices(cfg, num_slices), model={"scan_layers": scan},
+    blocks = cfg.model.attention_blocks or 1  # "auto" cuts attention into blocks only on CPU
+    return configs.replace(topology.with_slices(cfg, num_slices), model={"scan_layers": scan, "attention_blocks": blocks},
                            moe={"dropless_impl": ragged})
 
 

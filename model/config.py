@@ -35,6 +35,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: str = "auto"  # auto: lax.scan on TPU/GPU, unrolled on CPU
     remat: str = "none"
+    attention_blocks: int = 0  # causal query blocks (model/transformer.py: attend); 0 = auto
 
     def __post_init__(self):
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
@@ -55,6 +56,7 @@ class ModelConfig:
         check_choice("model.dtype", self.dtype, DTYPES)
         check_choice("model.scan_layers", self.scan_layers, SCAN_MODES)
         check_choice("model.remat", self.remat, REMAT_POLICIES)
+        check(self.attention_blocks >= 0, f"model.attention_blocks={self.attention_blocks} must be >= 0 (0: auto)")
 
     @property
     def resolved_head_dim(self) -> int:

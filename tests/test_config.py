@@ -89,6 +89,8 @@ BAD = {
     "heads vs d_model": (["model.d_model=128", "model.num_heads=5"], ["model.num_heads=5", "model.d_model=128"]),
     "kv heads vs heads": (["model.num_heads=4", "model.num_kv_heads=3"], ["model.num_kv_heads=3", "model.num_heads=4"]),
     "bad choice": (["model.remat=some"], ["model.remat='some'", "full"]),
+    "attention blocks vs seq_len": (["model.attention_blocks=3"], ["model.attention_blocks=3", "data.seq_len=64"]),
+    "negative attention blocks": (["model.attention_blocks=-1"], ["model.attention_blocks=-1", "0: auto"]),
     "section as value": (["model=3"], ["model=3", "mapping"]),
     "value as section": (["model.d_model.x=1"], ["model.d_model=", "expected int"]),
     "no equals sign": (["model.d_model"], ["model.d_model", "key.sub=value"]),

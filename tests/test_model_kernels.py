@@ -26,14 +26,55 @@ def test_swiglu_value_and_grads_equal_autodiff_of_silu():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 4])
 @pytest.mark.parametrize("n,k", [(4, 4), (4, 2), (4, 1)])
-def test_attend_equals_dot_product_attention(n, k):
-    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(kq, (2, 6, n, 8))
-    key, val = jax.random.normal(kk, (2, 6, k, 8)), jax.random.normal(kv, (2, 6, k, 8))
-    want = jax.nn.dot_product_attention(q, key, val, is_causal=True)
-    got = transformer.attend(q, key, val, transformer._causal_mask(6))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+def test_attend_and_its_backward_equal_dot_product_attention(n, k, blocks):
+    kq, kk, kv, kc = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(kq, (2, 8, n, 8)) * 2
+    key, val = jax.random.normal(kk, (2, 8, k, 8)) * 2, jax.random.normal(kv, (2, 8, k, 8))
+    cot = jax.random.normal(kc, (2, 8, n, 8))
+
+    def want(q, key, val):
+        return jnp.sum(jax.nn.dot_product_attention(q, key, val, is_causal=True) * cot)
+
+    def got(q, key, val):
+        return jnp.sum(transformer.attend(q, key, val, transformer._causal_mask(8), blocks) * cot)
+
+    np.testing.assert_allclose(
+        transformer.attend(q, key, val, transformer._causal_mask(8), blocks),
+        jax.nn.dot_product_attention(q, key, val, is_causal=True), rtol=1e-5, atol=1e-6,
+    )
+    for g, w in zip(jax.grad(got, (0, 1, 2))(q, key, val), jax.grad(want, (0, 1, 2))(q, key, val)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_blocked_attention_keeps_packed_sequences_apart(blocks):
+    """Query blocks with a segment mask (packed sequences): each sequence's output and gradients
+    equal attention over that sequence alone."""
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    q, key, val = (jax.random.normal(r, (1, 8, 2, 4)) for r in (kq, kk, kv))
+    segments = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
+    mask = transformer._causal_mask(8) & (segments[:, :, None] == segments[:, None, :])
+
+    def packed(q, key, val):
+        return transformer.attend(q, key, val, mask, blocks)
+
+    def alone(q, key, val):
+        first = transformer.attend(q[:, :3], key[:, :3], val[:, :3], transformer._causal_mask(3))
+        second = transformer.attend(q[:, 3:], key[:, 3:], val[:, 3:], transformer._causal_mask(5))
+        return jnp.concatenate([first, second], axis=1)
+
+    np.testing.assert_allclose(packed(q, key, val), alone(q, key, val), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    for g, w in zip(jax.grad(loss(packed), (0, 1, 2))(q, key, val), jax.grad(loss(alone), (0, 1, 2))(q, key, val)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_query_blocks_on_cpu_are_at_least_64_rows_and_at_most_8():
+    assert [transformer.query_blocks(t) for t in (32, 64, 100, 128, 192, 256, 1024, 4096)] == [1, 1, 1, 2, 3, 4, 8, 8]
+    with pytest.raises(ValueError, match="blocks=3"):
+        transformer.attend(*(jnp.zeros((1, 8, 2, 4)),) * 3, transformer._causal_mask(8), blocks=3)
 
 
 def test_kv_cache_decode_equals_full_forward():

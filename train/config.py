@@ -131,6 +131,11 @@ class Config:
 
     def __post_init__(self):
         self.moe.check_model(self.model)
+        blocks = self.model.attention_blocks
+        check(
+            blocks == 0 or self.data.seq_len % blocks == 0,
+            f"model.attention_blocks={blocks} must divide data.seq_len={self.data.seq_len} (or 0: auto)",
+        )
         if self.mesh.expert != -1:  # a filled (-1) degree is checked once the mesh is built
             self.moe.check_expert_degree(self.mesh.expert * self.mesh.dcn_expert)
 
