@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     rows = []
     for (name, overrides), n_steps in ((NANOGPT, args.steps), (LARGE, args.large_steps)):
         batch = load_config(overrides, 1).train.batch_size
-        per_core = max(d for d in range(1, cores + 1) if batch % d == 0)  # as `podtrain pretrain` picks
+        per_core = devices.devices_dividing(batch, cores)  # as `podtrain pretrain` picks
         layouts = [("1 device", 1)] + ([(f"{per_core} devices, one per core", per_core)] if per_core > 1 else [])
         for layout, num_devices in layouts:
             cfg = load_config(overrides, num_devices)

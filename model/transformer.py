@@ -111,23 +111,23 @@ def _rows(x_BKGTH, lo: int, hi: int):
     return x_BKGTH[:, :, :, lo:hi].reshape(b, k, g * (hi - lo), h)
 
 
-def _mask_rows(mask_BTS, g: int, lo: int, hi: int, s: int):
-    m = mask_BTS[:, None, None, lo:hi, :s]
-    return jnp.broadcast_to(m, (m.shape[0], 1, g, hi - lo, s)).reshape(m.shape[0], 1, g * (hi - lo), s)
+def _mask_rows(mask_BTS, g: int, lo: int, hi: int):
+    """The mask of queries lo:hi over keys :hi, rows folded as in `_rows`."""
+    m = mask_BTS[:, None, None, lo:hi, :hi]
+    return jnp.broadcast_to(m, (m.shape[0], 1, g, hi - lo, hi)).reshape(m.shape[0], 1, g * (hi - lo), hi)
 
 
 def _attend_blocks(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, nb: int):
     """Output (B, K, G, T, H) and each row block's probabilities (float32)."""
     b, k, g, t, h = q_BKGTH.shape
     outs, probs = [], []
-    for lo, hi in _row_blocks(t, nb):
-        s = hi  # keys after the block's last query are masked
+    for lo, hi in _row_blocks(t, nb):  # keys after a block's last query (:hi) are all masked
         logits = jnp.einsum(
-            "BKTH,BKSH->BKTS", _rows(q_BKGTH, lo, hi), k_BKSH[:, :, :s], preferred_element_type=jnp.float32
+            "BKTH,BKSH->BKTS", _rows(q_BKGTH, lo, hi), k_BKSH[:, :, :hi], preferred_element_type=jnp.float32
         ) * jnp.float32(h**-0.5)
-        p = jax.nn.softmax(jnp.where(_mask_rows(mask_BTS, g, lo, hi, s), logits, _MASKED), axis=-1)
+        p = jax.nn.softmax(jnp.where(_mask_rows(mask_BTS, g, lo, hi), logits, _MASKED), axis=-1)
         probs.append(p)
-        out = jnp.einsum("BKTS,BKSH->BKTH", p.astype(v_BKSH.dtype), v_BKSH[:, :, :s])
+        out = jnp.einsum("BKTS,BKSH->BKTH", p.astype(v_BKSH.dtype), v_BKSH[:, :, :hi])
         outs.append(out.reshape(b, k, g, hi - lo, h))
     return jnp.concatenate(outs, axis=3), probs
 
@@ -146,18 +146,17 @@ def _attention_bwd(nb, res, d_out):
     """The softmax backward as in flash attention, dS = P * (dP - rowsum(dO * O)): masked scores
     have P = 0, so the mask needs no backward pass of its own."""
     q, k, v, out, probs = res
-    g, t, s_all = q.shape[2], q.shape[3], k.shape[2]
+    t, s = q.shape[3], k.shape[2]
     dq, dk, dv = [], 0.0, 0.0
-    pad = lambda x, s: jnp.pad(x, ((0, 0), (0, 0), (0, s_all - s), (0, 0)))  # keys >= s: no gradient
+    pad = lambda x, hi: jnp.pad(x, ((0, 0), (0, 0), (0, s - hi), (0, 0)))  # keys >= hi: no gradient
     for (lo, hi), p in zip(_row_blocks(t, nb), probs):
-        s = hi
         do, o, qr = _rows(d_out, lo, hi), _rows(out, lo, hi), _rows(q, lo, hi)
-        dv = dv + pad(jnp.einsum("BKTS,BKTH->BKSH", p, do, preferred_element_type=jnp.float32), s)
-        dp = jnp.einsum("BKTH,BKSH->BKTS", do, v[:, :, :s], preferred_element_type=jnp.float32)
+        dv = dv + pad(jnp.einsum("BKTS,BKTH->BKSH", p, do, preferred_element_type=jnp.float32), hi)
+        dp = jnp.einsum("BKTH,BKSH->BKTS", do, v[:, :, :hi], preferred_element_type=jnp.float32)
         rowsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
         ds = (p * (dp - rowsum) * jnp.float32(q.shape[4] ** -0.5)).astype(q.dtype)
-        dq.append(jnp.einsum("BKTS,BKSH->BKTH", ds, k[:, :, :s]).reshape(*q.shape[:3], hi - lo, q.shape[4]))
-        dk = dk + pad(jnp.einsum("BKTS,BKTH->BKSH", ds, qr, preferred_element_type=jnp.float32), s)
+        dq.append(jnp.einsum("BKTS,BKSH->BKTH", ds, k[:, :, :hi]).reshape(*q.shape[:3], hi - lo, q.shape[4]))
+        dk = dk + pad(jnp.einsum("BKTS,BKTH->BKSH", ds, qr, preferred_element_type=jnp.float32), hi)
     return jnp.concatenate(dq, axis=3), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -81,6 +81,11 @@ def _cpu_count_set_by_user(environ) -> bool:
     return "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0
 
 
+def devices_dividing(batch_size: int | None, cores: int) -> int:
+    """The most devices, at most `cores`, that split batch_size evenly (None: every core)."""
+    return max(d for d in range(1, cores + 1) if batch_size is None or batch_size % d == 0)
+
+
 def use_cpu_cores(batch_size: int | None = None, environ=os.environ) -> int:
     """On the CPU backend, make each core a JAX device, so a mesh's data axis spans the cores.
 
@@ -96,7 +101,7 @@ def use_cpu_cores(batch_size: int | None = None, environ=os.environ) -> int:
     if _cpu_count_set_by_user(environ) or environ.get(distributed.ENV_COORDINATOR):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = max(d for d in range(1, cores + 1) if batch_size is None or batch_size % d == 0)
+    n = devices_dividing(batch_size, cores)
     jax.config.update("jax_num_cpu_devices", n)
     return n
 

@@ -15,8 +15,8 @@ from train.state import Layout, TrainState
 Batch = dict[str, jax.Array]  # 'inputs', 'targets' (B, T) int32; optional 'weights', 'segment_ids', 'positions'
 
 
-def lm_loss(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
-    """(mean weighted cross-entropy + z_loss * mean log Z^2, total weight), in float32."""
+def _token_losses(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
+    """(per-token cross-entropy + z_loss * log Z^2, per-token weight), in float32."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
@@ -24,6 +24,12 @@ def lm_loss(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
     if z_loss:
         nll_BT = nll_BT + z_loss * jnp.square(log_z_BT)
     w_BT = jnp.ones_like(nll_BT) if weights_BT is None else weights_BT.astype(jnp.float32)
+    return nll_BT, w_BT
+
+
+def lm_loss(logits_BTV, targets_BT, weights_BT=None, z_loss: float = 0.0):
+    """(mean weighted cross-entropy + z_loss * mean log Z^2, total weight), in float32."""
+    nll_BT, w_BT = _token_losses(logits_BTV, targets_BT, weights_BT, z_loss)
     total = jnp.sum(w_BT)
     return jnp.sum(nll_BT * w_BT) / jnp.maximum(total, 1.0), total
 
@@ -32,9 +38,7 @@ def _loss_and_weight_sums(logits_BTV, targets_BT, weights_BT=None):
     """(sum of weighted token losses, sum of weights) as one reduction: one all-reduce across
     devices. Two independent all-reduces in one program can deadlock XLA:CPU with several devices
     in a process (each blocks a worker of the shared thread pool waiting for the other devices)."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
-    w_BT = jnp.ones_like(nll_BT) if weights_BT is None else weights_BT.astype(jnp.float32)
+    nll_BT, w_BT = _token_losses(logits_BTV, targets_BT, weights_BT)
     sums = jnp.sum(jnp.stack([nll_BT * w_BT, w_BT], axis=-1), axis=(0, 1))
     return sums[0], sums[1]
 
