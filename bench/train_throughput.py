@@ -92,7 +92,7 @@ def main(argv=None) -> None:
             peaks.append(devices.measure_matmul_peak(n=1024, seconds=args.peak_seconds))
     peak = max(peaks)
     print(
-        f"measured f32 matmul peak (1024^3, best of {args.peak_seconds:.0f} s, {len(peaks)} times through the run): "
+        f"measured f32 matmul peak (1024^3, best of {args.peak_seconds:g} s, {len(peaks)} times through the run): "
         f"{peak / 1e9:.1f} GFLOP/s (each: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})"
     )
     for label, cfg, per_step in rows:

@@ -26,6 +26,28 @@ def test_swiglu_value_and_grads_equal_autodiff_of_silu():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "spec,x_shape,w_shape", [("BTD,DF->BTF", (2, 3, 20), (20, 6)), ("BTNH,NHF->BTF", (2, 3, 4, 5), (4, 5, 6))]
+)
+def test_project_and_its_backward_equal_the_einsum(spec, x_shape, w_shape):
+    kx, kw, kc = jax.random.split(jax.random.key(2), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    cot = jax.random.normal(kc, (2, 3, 6))
+
+    def want(x, w):
+        return jnp.sum(jnp.einsum(spec, x, w) * cot)
+
+    def got(x, w):
+        return jnp.sum(transformer.project(x, w, len(w_shape) - 1) * cot)
+
+    np.testing.assert_allclose(got(x, w), want(x, w), rtol=1e-5)
+    for g, r in zip(jax.grad(got, (0, 1))(x, w), jax.grad(want, (0, 1))(x, w)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # the weight gradient comes out in the weight's own layout: no transpose in the backward
+    jaxpr = str(jax.make_jaxpr(jax.grad(got, 1))(x, w))
+    assert "transpose[" not in jaxpr, jaxpr
+
+
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 @pytest.mark.parametrize("n,k", [(4, 4), (4, 2), (4, 1)])
 def test_attend_and_its_backward_equal_dot_product_attention(n, k, blocks):
