@@ -104,3 +104,10 @@ def test_dims_the_tensor_degree_does_not_divide_still_match():
     """2 kv heads and a vocab of 65 on tensor=4: those stay whole (or compiler-placed), results equal."""
     odd = ["model.num_kv_heads=2", "model.vocab_size=65"]
     assert_same_run(train(*odd, "mesh.data=2", "mesh.tensor=4"), train(*odd, "mesh.devices=1"))
+
+
+@pytest.mark.slow
+def test_blocked_attention_sharded_run_equals_one_device():
+    """The CPU's causal query blocks (`model.attention_blocks`, auto from T = 128) under tensor=4 x data=2."""
+    blocked = ["model.attention_blocks=4"]
+    assert_same_run(train(*blocked, *LAYOUTS["tensor=4 x data=2"]), train(*blocked, "mesh.devices=1"))
