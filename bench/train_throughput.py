@@ -10,15 +10,25 @@ MFU = achieved FLOP/s / measured f32 matmul peak of this machine (the best of se
 measurements spread through the run), with the FLOPs of
 `ModelConfig.flops_per_token` (PaLM convention: 6 * N_matmul + 12 * L * N * H * T).
 
+Two more figures put that peak in context on a noisy shared host:
+- the 1024^3 matmul's median FLOP/s on one thread, on all threads of one device, and on one
+  device per core at once, measured alternately: whether the cores add matmul throughput;
+- each row's step FLOP/s as a share of a plain matmul loop's FLOP/s measured right after each
+  repetition, for as long (median over reps): the step against the matmul rate the host gave in
+  the same minute, where the best-of peak is a short burst the host rarely sustains.
+
     python bench/train_throughput.py [--reps 7] [--steps 20]
 """
 
 import argparse
+import functools
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from parallel import devices, mesh as meshes, rules
 from train import config as configs, optim, state as states, step as steps
@@ -38,8 +48,49 @@ def load_config(overrides: list[str], num_devices: int) -> configs.Config:
     )
 
 
-def time_train_step(cfg: configs.Config, reps: int, n_steps: int) -> list[float]:
-    """Seconds per step of each repetition."""
+MATMUL_N = 1024
+
+
+@functools.cache
+def _matmul(single_thread: bool, mesh=None):
+    opts = {"xla_cpu_multi_thread_eigen": False} if single_thread else None
+    if mesh is None:
+        a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
+        return jax.jit(lambda x, y: x @ y, compiler_options=opts), (a, a), 1
+    rows = NamedSharding(mesh, P("d"))
+    x = jax.device_put(np.ones((mesh.size * MATMUL_N, MATMUL_N), np.float32), rows)
+    w = jax.device_put(np.ones((MATMUL_N, MATMUL_N), np.float32), NamedSharding(mesh, P()))
+    return jax.jit(lambda x, y: x @ y, compiler_options=opts, out_shardings=rows), (x, w), mesh.size
+
+
+def matmul_rate(seconds: float, single_thread: bool = False, mesh=None) -> float:
+    """FLOP/s of back-to-back 1024^3 matmuls over about `seconds`, all of them (not the best);
+    with `mesh`, one per device of it at once."""
+    f, args, copies = _matmul(single_thread, mesh)
+    jax.block_until_ready(f(*args))
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < seconds:
+        jax.block_until_ready(f(*args))
+        count += 1
+    return copies * count * 2 * MATMUL_N**3 / (time.perf_counter() - start)
+
+
+def matmul_scaling(cores: int, rounds: int = 15, seconds: float = 0.05) -> dict[str, float]:
+    """Median matmul FLOP/s per way of running it, the ways measured alternately."""
+    ways = {"1 thread": (True, None), "all threads of 1 device": (False, None)}
+    if cores > 1:
+        mesh = jax.make_mesh((cores,), ("d",), axis_types=(AxisType.Auto,))
+        ways[f"{cores} devices at once, 1 thread each"] = (True, mesh)
+    rates = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way, (single, mesh) in ways.items():
+            rates[way].append(matmul_rate(seconds, single, mesh))
+    return {way: statistics.median(r) for way, r in rates.items()}
+
+
+def time_train_step(cfg: configs.Config, reps: int, n_steps: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of each repetition, and the matmul FLOP/s measured right after each one
+    for as long as it took."""
     mesh = meshes.build_mesh(cfg.mesh)
     tx = optim.optimizer(cfg.train)
     lay = states.layout(cfg.model, tx, mesh)
@@ -57,14 +108,16 @@ def time_train_step(cfg: configs.Config, reps: int, n_steps: int) -> list[float]
     for i in range(3):  # warm up
         state, out = train_step(state, batches[i % 4])
     jax.block_until_ready((state, out))
-    per_step = []
+    per_step, matmul = [], []
     for _ in range(reps):
         start = time.perf_counter()
         for i in range(n_steps):
             state, out = train_step(state, batches[i % 4])
         jax.block_until_ready((state, out))
-        per_step.append((time.perf_counter() - start) / n_steps)
-    return per_step
+        elapsed = time.perf_counter() - start
+        per_step.append(elapsed / n_steps)
+        matmul.append(matmul_rate(elapsed))
+    return per_step, matmul
 
 
 def main(argv=None) -> None:
@@ -86,7 +139,7 @@ def main(argv=None) -> None:
         layouts = [("1 device", 1)] + ([(f"{per_core} devices, one per core", per_core)] if per_core > 1 else [])
         for layout, num_devices in layouts:
             cfg = load_config(overrides, num_devices)
-            rows.append((f"{name}, {layout}", cfg, time_train_step(cfg, args.reps, n_steps)))
+            rows.append((f"{name}, {layout}", cfg, *time_train_step(cfg, args.reps, n_steps)))
             # the machine's speed drifts: the peak is re-measured between layouts and the best
             # of all is the MFU's denominator (a low peak would flatter every MFU)
             peaks.append(devices.measure_matmul_peak(n=1024, seconds=args.peak_seconds))
@@ -95,15 +148,20 @@ def main(argv=None) -> None:
         f"measured f32 matmul peak (1024^3, best of {args.peak_seconds:g} s, {len(peaks)} times through the run): "
         f"{peak / 1e9:.1f} GFLOP/s (each: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})"
     )
-    for label, cfg, per_step in rows:
+    scaling = matmul_scaling(cores)
+    print("f32 matmul 1024^3, median FLOP/s of each way, measured alternately: "
+          + ", ".join(f"{way} {rate / 1e9:.0f} G" for way, rate in scaling.items()))
+    for label, cfg, per_step, matmul in rows:
         tokens = cfg.train.batch_size * cfg.data.seq_len
         med = statistics.median(per_step)
         tok_s = tokens / med
         spread = f"{tokens / max(per_step):,.0f}..{tokens / min(per_step):,.0f}"
         flops = cfg.model.flops_per_token(cfg.data.seq_len)
+        step_flops = tokens * flops / np.array(per_step)
         print(
             f"{label}: {med * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s (range {spread} over {args.reps} reps), "
-            f"{flops / 1e6:.2f} MFLOP/token, MFU {tok_s * flops / peak:.1%}"
+            f"{flops / 1e6:.2f} MFLOP/token, MFU {tok_s * flops / peak:.1%}; "
+            f"{np.median(step_flops / np.array(matmul)):.1%} of the matmul loop's FLOP/s right after each rep"
         )
 
 if __name__ == "__main__":
