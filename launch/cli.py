@@ -43,10 +43,13 @@ def _finetune(args) -> int | None:
 
 
 def _use_cpu_cores(cfg) -> None:
-    """On a CPU host, one JAX device per core (parallel/devices.py) before the backend starts."""
+    """On a CPU host, one JAX device per core (parallel/devices.py) before the backend starts; one
+    device for a large model, unless the mesh config asks for parallelism or a device count."""
     from parallel import devices
 
-    devices.use_cpu_cores(cfg.train.batch_size // cfg.train.grad_accum_steps)
+    m = cfg.mesh
+    own = m.devices or any(d not in (-1, 1) for d in m.ici) or any(d != 1 for d in m.dcn)
+    devices.use_cpu_cores(cfg.train.batch_size // cfg.train.grad_accum_steps, None if own else cfg.model.d_model)
 
 
 def _preempted(result) -> int:

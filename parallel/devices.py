@@ -86,14 +86,23 @@ def devices_dividing(batch_size: int | None, cores: int) -> int:
     return max(d for d in range(1, cores + 1) if batch_size is None or batch_size % d == 0)
 
 
-def use_cpu_cores(batch_size: int | None = None, environ=os.environ) -> int:
+# From this d_model on, one CPU device threading each op over the cores beats one device per
+# core (bench/train_throughput.py on the 2-core dev host: the layouts tie at d_model 256; one
+# device is 3-14% faster at 512 and 1024, where the matmuls dominate and one device per core adds
+# a per-device optimizer update and a gradient all-reduce without adding matmul throughput).
+ONE_DEVICE_FROM_D_MODEL = 512
+
+
+def use_cpu_cores(batch_size: int | None = None, d_model: int | None = None, environ=os.environ) -> int:
     """On the CPU backend, make each core a JAX device, so a mesh's data axis spans the cores.
 
     XLA:CPU runs one op at a time per device and most ops (every elementwise fusion, the small
     matmuls) on one thread: with one device a 2-core host keeps 1.2 cores busy at the nanoGPT
     shape. One device per core runs the batch data-parallel with each device single-threaded
     (train.step compiles for that), the same program the sharded path runs on a pod. Uses the
-    largest core count dividing batch_size (None: every core); a count the user set (XLA_FLAGS
+    largest core count dividing batch_size (None: every core). A model of d_model >=
+    ONE_DEVICE_FROM_D_MODEL gets one device instead (pass d_model only where the mesh config asks
+    for no parallelism of its own). A count the user set (XLA_FLAGS
     --xla_force_host_platform_device_count, jax_num_cpu_devices, a launcher) is left alone.
     Call before anything initializes a JAX backend. Returns the CPU device count it asked for
     (0: left alone). Accelerator backends are unaffected: the CPU client is not the default there.
@@ -101,7 +110,7 @@ def use_cpu_cores(batch_size: int | None = None, environ=os.environ) -> int:
     if _cpu_count_set_by_user(environ) or environ.get(distributed.ENV_COORDINATOR):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = devices_dividing(batch_size, cores)
+    n = 1 if d_model is not None and d_model >= ONE_DEVICE_FROM_D_MODEL else devices_dividing(batch_size, cores)
     jax.config.update("jax_num_cpu_devices", n)
     return n
 

@@ -26,12 +26,36 @@ def fresh_process(code: str, **env) -> str:
 
 
 PROBE = "from parallel import devices; n = devices.use_cpu_cores({}); import jax; print(n, jax.device_count())"
+CLI_PROBE = (
+    "from launch import cli; from train import config; "
+    f"cli._use_cpu_cores(config.load({os.path.join(ROOT, 'configs', 'shakespeare_char.yaml')!r}, OVERRIDES)); "
+    "import jax; print(jax.device_count())"
+)
 
 
 @pytest.mark.parametrize("batch", [12, 7, None])
 def test_one_device_per_core_dividing_the_batch(batch):
     want = max(d for d in range(1, CORES + 1) if batch is None or batch % d == 0)
     assert fresh_process(PROBE.format(batch)) == [str(want), str(want)]
+
+
+def test_a_large_model_gets_one_device():
+    assert fresh_process(PROBE.format(f"12, d_model={devices.ONE_DEVICE_FROM_D_MODEL}")) == ["1", "1"]
+    below = max(d for d in range(1, CORES + 1) if 12 % d == 0)
+    assert fresh_process(PROBE.format(f"12, d_model={devices.ONE_DEVICE_FROM_D_MODEL - 1}")) == [str(below)] * 2
+
+
+@pytest.mark.skipif(CORES < 2, reason="needs 2 cores")
+@pytest.mark.parametrize("overrides, want", [
+    ([], "per core"),  # d_model 128
+    (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8"], "1"),
+    (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.data=2"], "per core"),  # asked for
+    (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.devices=2"], "per core"),
+])
+def test_pretrain_picks_the_layout_from_the_model_unless_the_mesh_asks(overrides, want):
+    per_core = str(max(d for d in range(1, CORES + 1) if 12 % d == 0))
+    code = CLI_PROBE.replace("OVERRIDES", repr(overrides))
+    assert fresh_process(code) == [per_core if want == "per core" else want]
 
 
 @pytest.mark.parametrize("env", [
