@@ -110,9 +110,16 @@ def use_cpu_cores(batch_size: int | None = None, d_model: int | None = None, env
     if _cpu_count_set_by_user(environ) or environ.get(distributed.ENV_COORDINATOR):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = 1 if d_model is not None and d_model >= ONE_DEVICE_FROM_D_MODEL else devices_dividing(batch_size, cores)
+    n = cpu_device_count(batch_size, cores, d_model)
     jax.config.update("jax_num_cpu_devices", n)
     return n
+
+
+def cpu_device_count(batch_size: int | None, cores: int, d_model: int | None = None) -> int:
+    """The CPU device count use_cpu_cores picks on a host of `cores` cores."""
+    if d_model is not None and d_model >= ONE_DEVICE_FROM_D_MODEL:
+        return 1
+    return devices_dividing(batch_size, cores)
 
 
 def compiler_options(mesh) -> dict | None:

@@ -39,10 +39,12 @@ def test_one_device_per_core_dividing_the_batch(batch):
     assert fresh_process(PROBE.format(batch)) == [str(want), str(want)]
 
 
+PER_CORE_12 = str(max(d for d in range(1, CORES + 1) if 12 % d == 0))  # cores dividing a batch of 12
+
+
 def test_a_large_model_gets_one_device():
     assert fresh_process(PROBE.format(f"12, d_model={devices.ONE_DEVICE_FROM_D_MODEL}")) == ["1", "1"]
-    below = max(d for d in range(1, CORES + 1) if 12 % d == 0)
-    assert fresh_process(PROBE.format(f"12, d_model={devices.ONE_DEVICE_FROM_D_MODEL - 1}")) == [str(below)] * 2
+    assert fresh_process(PROBE.format(f"12, d_model={devices.ONE_DEVICE_FROM_D_MODEL - 1}")) == [PER_CORE_12] * 2
 
 
 @pytest.mark.skipif(CORES < 2, reason="needs 2 cores")
@@ -53,9 +55,8 @@ def test_a_large_model_gets_one_device():
     (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.devices=2"], "per core"),
 ])
 def test_pretrain_picks_the_layout_from_the_model_unless_the_mesh_asks(overrides, want):
-    per_core = str(max(d for d in range(1, CORES + 1) if 12 % d == 0))
     code = CLI_PROBE.replace("OVERRIDES", repr(overrides))
-    assert fresh_process(code) == [per_core if want == "per core" else want]
+    assert fresh_process(code) == [PER_CORE_12 if want == "per core" else want]
 
 
 @pytest.mark.parametrize("env", [
