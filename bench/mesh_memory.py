@@ -17,8 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from parallel import rules  # noqa: E402
-from train import config as configs, optim, state as states, step as steps, validate  # noqa: E402
+from podtrain.parallel import rules  # noqa: E402
+from podtrain.train import config as configs, optim, state as states, step as steps, validate  # noqa: E402
 
 DEVICES = 8
 # ~53M parameters: 8 layers of d_model 512 (27.3M) and a GPT-2-sized vocab of 50304 (25.8M).

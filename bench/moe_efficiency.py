@@ -14,8 +14,8 @@ import time
 import jax
 import numpy as np
 
-from parallel import devices, mesh as meshes, rules
-from train import config as configs, optim, state as states, step as steps
+from podtrain.parallel import devices, mesh as meshes, rules
+from podtrain.train import config as configs, optim, state as states, step as steps
 
 TARGETS = {"dropless": 1.15, "capacity": 1.30}
 

@@ -17,7 +17,7 @@ but cost analysis charges every row of the buffer; `podtrain plan` corrects that
 
 import argparse
 
-from launch import topology
+from podtrain.plan import topology
 
 
 def main() -> None:

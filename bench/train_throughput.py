@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from parallel import devices, mesh as meshes, rules
-from train import config as configs, optim, state as states, step as steps
+from podtrain.parallel import devices, mesh as meshes, rules
+from podtrain.train import config as configs, optim, state as states, step as steps
 
 NANOGPT = ("nanoGPT (configs/shakespeare_char.yaml)", [])
 LARGE = (

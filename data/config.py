@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from model.config import check, check_choice
+from podtrain.model.config import check, check_choice
 
 DATASETS = ("tiny_shakespeare", "text_files", "jsonl")  # the last two: a local folder, data.manual_dir
 TOKENIZERS = ("char", "byte")

@@ -12,9 +12,9 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data import text_files, tiny_shakespeare
-from data.config import DataConfig
-from data.tokenizer import Tokenizer
+from podtrain.data import text_files, tiny_shakespeare
+from podtrain.data.config import DataConfig
+from podtrain.data.tokenizer import Tokenizer
 
 BUILDERS = {"tiny_shakespeare": tiny_shakespeare.TinyShakespeare}
 

@@ -9,18 +9,18 @@ same command to resume); anything else is a bug and keeps its traceback.
 import argparse
 import sys
 
-from data.tiny_shakespeare import DatasetUnavailable
-from train.config import ConfigError
+from podtrain.data.tiny_shakespeare import DatasetUnavailable
+from podtrain.train.config import ConfigError
 
 USER_ERRORS = (ConfigError, DatasetUnavailable)
 
 
 def _pretrain(args) -> None:
-    from train import config
+    from podtrain.train import config
 
     cfg = config.load(args.config, args.overrides)
     _use_cpu_cores(cfg)
-    from train import loop  # slow to import (TensorBoard, Orbax): only once the config is good
+    from podtrain.train import loop  # slow to import (TensorBoard, Orbax): only once the config is good
 
     result = loop.pretrain(cfg)
     if result["preempted"]:
@@ -29,11 +29,11 @@ def _pretrain(args) -> None:
 
 
 def _finetune(args) -> int | None:
-    from train import config
+    from podtrain.train import config
 
     cfg = config.load(args.config, args.overrides)
     _use_cpu_cores(cfg)
-    from train import finetune  # slow to import: only once the config is good
+    from podtrain.train import finetune  # slow to import: only once the config is good
 
     result = finetune.finetune(cfg)
     if result["preempted"]:
@@ -45,7 +45,7 @@ def _finetune(args) -> int | None:
 def _use_cpu_cores(cfg) -> None:
     """On a CPU host, one JAX device per core (parallel/devices.py) before the backend starts; one
     device for a large model, unless the mesh config asks for parallelism or a device count."""
-    from parallel import devices
+    from podtrain.parallel import devices
 
     m = cfg.mesh
     own = m.devices or any(d not in (-1, 1) for d in m.ici) or any(d != 1 for d in m.dcn)
@@ -53,14 +53,14 @@ def _use_cpu_cores(cfg) -> None:
 
 
 def _preempted(result) -> int:
-    from train.preemption import PREEMPTED_EXIT_CODE
+    from podtrain.train.preemption import PREEMPTED_EXIT_CODE
 
     print(f"preempted: saved step {result['step']} in {result['run_dir']}; run the same command again to resume")
     return PREEMPTED_EXIT_CODE
 
 
 def _checkpoints(args) -> int:
-    from train import checkpoint
+    from podtrain.train import checkpoint
 
     rows = checkpoint.listing(args.run_dir)
     if not rows:
@@ -75,7 +75,7 @@ def _checkpoints(args) -> int:
 
 
 def _sample(args) -> None:
-    from train import generate
+    from podtrain.inference import generate
 
     text = generate.sample_run(
         args.run, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed
@@ -84,8 +84,8 @@ def _sample(args) -> None:
 
 
 def _plan(args) -> int:
-    from launch import plan
-    from train import config
+    from podtrain.plan import estimate as plan
+    from podtrain.train import config
 
     cfg = config.load(args.config, args.overrides)
     if args.num_slices < 1:
@@ -98,15 +98,15 @@ def _plan(args) -> int:
 
 
 def _submit(args) -> int:
-    from launch import submit
-    from train import config
+    from podtrain.launch import submit
+    from podtrain.train import config
 
     cfg = config.load(args.config, args.overrides)
     return submit.submit(cfg, args.target, dry_run=args.dry_run)
 
 
 def _launch_local(args) -> int:
-    from launch import local
+    from podtrain.launch import local
 
     command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     if not command:
@@ -120,7 +120,7 @@ def _launch_local(args) -> int:
 
 
 def _export(args) -> None:
-    from train import export
+    from podtrain.interop import export
 
     run_dir, step = export.parse_run(args.run)
     out = export.export(run_dir, args.out, fmt=args.format, step=step, max_shard_size=args.max_shard_size)
@@ -128,7 +128,7 @@ def _export(args) -> None:
 
 
 def _import(args) -> None:
-    from train import export
+    from podtrain.interop import export
 
     out = export.import_hf(args.hf, args.out, args.overrides)
     print(f"imported {args.hf} as run dir {out}")
@@ -202,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from train.health import TrainingDiverged
+    from podtrain.train.health import TrainingDiverged
 
     try:
         return args.func(args) or 0

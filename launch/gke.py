@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from launch import submit as submits, topology
-from parallel import distributed
-from train.config import Config
+from podtrain.launch import submit as submits
+from podtrain.plan import topology
+from podtrain.parallel import distributed
+from podtrain.train.config import Config
 
 CONFIG_DIR = "/etc/podtrain"
 COORDINATOR_PORT = 8476
@@ -106,7 +107,7 @@ def manifests(cfg: Config) -> list[dict]:
 
 def submission(cfg: Config, stage: Path) -> submits.Submission:
     if not cfg.launch.image:
-        from train.config import ConfigError
+        from podtrain.train.config import ConfigError
 
         raise ConfigError("launch.image is empty: gke needs a container image with podtrain installed")
     path = stage / "jobset.yaml"

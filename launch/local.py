@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from parallel import distributed
+from podtrain.parallel import distributed
 
 TERMINATE_GRACE_S = 10  # after SIGTERM, how long a process may take before SIGKILL
 POLL_S = 0.2
@@ -63,7 +63,7 @@ class LocalJob:
             job = distributed.Job(coordinator, processes, pid, devices_per_process, heartbeat_s)
             env = {**os.environ, **job.env(), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
-                [sys.executable, "-m", "launch.cli", *args], env=env, text=True, bufsize=1,
+                [sys.executable, "-m", "podtrain.launch.cli", *args], env=env, text=True, bufsize=1,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             )
             thread = threading.Thread(target=_stream, args=(proc, f"[p{pid}]", self.out, self.lock), daemon=True)

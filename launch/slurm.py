@@ -10,8 +10,8 @@ import re
 import shlex
 from pathlib import Path
 
-from launch import submit as submits
-from train.config import Config, ConfigError
+from podtrain.launch import submit as submits
+from podtrain.train.config import Config, ConfigError
 
 # #SBATCH lines are read by sbatch, not a shell: only plain values go there.
 PLAIN = {"slurm_partition": r"[A-Za-z0-9_.,-]*", "slurm_time": r"[0-9]+(-[0-9]+)?(:[0-9]+){0,2}"}
@@ -38,7 +38,7 @@ def script(cfg: Config, config_path: Path) -> str:
     ]
     if lc.slurm_partition:
         directives.append(f"--partition={lc.slurm_partition}")
-    run = ["srun", "--kill-on-bad-exit=1", "python3", "-m", "launch.cli", "pretrain", "--config", str(config_path)]
+    run = ["srun", "--kill-on-bad-exit=1", "python3", "-m", "podtrain.launch.cli", "pretrain", "--config", str(config_path)]
     return "\n".join([
         "#!/usr/bin/env bash",
         *(f"#SBATCH {d}" for d in directives),

@@ -16,15 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train import config as configs
-from train.config import Config, ConfigError
+from podtrain.train import config as configs
+from podtrain.train.config import Config, ConfigError
 
 TARGETS = ("tpu-vm", "gke", "slurm", "local")
 STAGE_ROOT = Path(".podtrain")
 JOB_CONFIG = "job.yaml"
 HEREDOC = "PODTRAIN_EOF"
 # What a worker needs of this checkout to `pip install` podtrain.
-SOURCES = ("pyproject.toml", "README.md", "model", "parallel", "train", "data", "launch", "configs")
+SOURCES = ("pyproject.toml", "README.md", "podtrain", "model", "parallel", "data", "train", "inference", "interop", "plan", "launch", "configs")
 
 
 class ToolMissing(ConfigError):
@@ -81,7 +81,7 @@ def stage_dir(cfg: Config) -> Path:
 def job_config(cfg: Config, tpu_slices: bool = False) -> str:
     """The resolved config every worker runs (overrides applied; on TPU slices, DCN degrees
     covering launch.num_slices)."""
-    from launch import topology
+    from podtrain.plan import topology
 
     return configs.dump(topology.with_slices(cfg, cfg.launch.num_slices) if tpu_slices else cfg)
 
@@ -92,15 +92,15 @@ def repo_root() -> Path:
 
 def build(cfg: Config, target: str) -> Submission:
     if target == "tpu-vm":
-        from launch import tpu_vm
+        from podtrain.launch import tpu_vm
 
         return tpu_vm.submission(cfg, stage_dir(cfg))
     if target == "gke":
-        from launch import gke
+        from podtrain.launch import gke
 
         return gke.submission(cfg, stage_dir(cfg))
     if target == "slurm":
-        from launch import slurm
+        from podtrain.launch import slurm
 
         return slurm.submission(cfg, stage_dir(cfg))
     if target == "local":
@@ -111,7 +111,7 @@ def build(cfg: Config, target: str) -> Submission:
 def _local(cfg: Config) -> Submission:
     """`podtrain launch local`: processes on this machine, each with fake CPU devices."""
     path = stage_dir(cfg) / JOB_CONFIG
-    cmd = [sys.executable, "-m", "launch.cli", "launch", "local",
+    cmd = [sys.executable, "-m", "podtrain.launch.cli", "launch", "local",
            "--processes", str(cfg.launch.local_processes),
            "--devices-per-process", str(cfg.launch.local_devices_per_process),
            "--", "pretrain", "--config", str(path)]

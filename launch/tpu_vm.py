@@ -17,8 +17,9 @@ ids from the TPU metadata).
 import shlex
 from pathlib import Path
 
-from launch import submit as submits, topology
-from train.config import Config
+from podtrain.launch import submit as submits
+from podtrain.plan import topology
+from podtrain.train.config import Config
 
 REMOTE_DIR = "podtrain"  # under the worker's home directory
 POLL_S = 30  # seconds between queued-resource state checks
@@ -39,7 +40,7 @@ def worker_command(cfg: Config) -> str:
         f"cd {REMOTE_DIR}",
         "python3 -m pip install -q -e '.[tpu]'",
         f"PODTRAIN_DISTRIBUTED=auto PODTRAIN_JOB_NAME={shlex.quote(cfg.launch.job_name)} "
-        f"python3 -m launch.cli pretrain --config {shlex.quote(submits.JOB_CONFIG)}",
+        f"python3 -m podtrain.launch.cli pretrain --config {shlex.quote(submits.JOB_CONFIG)}",
     ])
 
 

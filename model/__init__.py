@@ -5,7 +5,7 @@ Dimension legend, used in einsum strings and array names across podtrain:
   G heads per kv group, H head dim, F MLP hidden, E experts, C expert capacity, V vocab, L layers.
 """
 
-from model.config import ModelConfig
-from model.transformer import Transformer, init_cache
+from podtrain.model.config import ModelConfig
+from podtrain.model.transformer import Transformer, init_cache
 
 __all__ = ["ModelConfig", "Transformer", "init_cache"]

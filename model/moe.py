@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
-from model import axes
-from model.config import ModelConfig, MoEConfig
+from podtrain.model import axes
+from podtrain.model.config import ModelConfig, MoEConfig
 
 F32 = jnp.float32
 

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes
-from model.config import ModelConfig, MoEConfig
-from model.moe import MoE
+from podtrain.model import axes
+from podtrain.model.config import ModelConfig, MoEConfig
+from podtrain.model.moe import MoE
 
 DENSE = MoEConfig()
 

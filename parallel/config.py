@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from model.config import check
+from podtrain.model.config import check
 
 AXES = ("data", "fsdp", "expert", "tensor")  # mesh axis order: tensor innermost (fastest links)
 

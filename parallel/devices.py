@@ -6,7 +6,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from parallel import distributed
+from podtrain.parallel import distributed
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' published specifications.
 PUBLISHED_PEAK = {

@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from parallel import clusters
+from podtrain.parallel import clusters
 
 ENV_COORDINATOR = "PODTRAIN_COORDINATOR"
 ENV_NUM_PROCESSES = "PODTRAIN_NUM_PROCESSES"

@@ -7,7 +7,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from parallel.config import AXES, MeshConfig
+from podtrain.parallel.config import AXES, MeshConfig
 
 
 def _degrees(prefix: str, values) -> str:

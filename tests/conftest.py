@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from train import config as configs  # noqa: E402
+from podtrain.train import config as configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE_DIR = ROOT.parent / "shared" / "data" / "tinyshakespeare"
@@ -26,8 +26,8 @@ def shakespeare_dir() -> Path:
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory, shakespeare_dir) -> Path:
     """tiny_shakespeare built once per test process as ArrayRecord, offline."""
-    from data import pipeline
-    from data.config import DataConfig
+    from podtrain.data import pipeline
+    from podtrain.data.config import DataConfig
 
     path = tmp_path_factory.mktemp("tfds")
     pipeline.prepare(DataConfig(data_dir=str(path), manual_dir=str(shakespeare_dir)))

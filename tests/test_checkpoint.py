@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import mesh as meshes
-from train import checkpoint, integrity, loop, optim, state as states
-from train.integrity import CorruptCheckpointWarning
+from podtrain.parallel import mesh as meshes
+from podtrain.train import checkpoint, integrity, loop, optim, state as states
+from podtrain.train.integrity import CorruptCheckpointWarning
 
 
 def _layout(cfg):
@@ -68,7 +68,7 @@ DAMAGE = {
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory, tfds_dir, shakespeare_dir):
     """A 4-step run with checkpoints at steps 2 and 4, and each step's parameter digest."""
-    from train import config as configs
+    from podtrain.train import config as configs
 
     run = tmp_path_factory.mktemp("saved") / "run"
     cfg = configs.load(None, [
@@ -89,7 +89,7 @@ def _copy(saved_run, tmp_path):
     cfg, run, digests = saved_run
     dst = tmp_path / "run"
     shutil.copytree(run, dst)
-    from train import config as configs
+    from podtrain.train import config as configs
 
     return configs.replace(cfg, run={"dir": str(dst)}), dst, digests
 
@@ -159,7 +159,7 @@ def test_keeps_the_newest_and_the_best(tiny_config):
     losses = {r["step"]: r["val_loss"] for r in rows}
     assert all(r["valid"] for r in rows)
     # lr 3e-2 on this tiny model makes the loss go up after its first evals; the best must survive
-    from train import metrics
+    from podtrain.train import metrics
 
     evals = {r["step"]: r["val_loss"] for r in metrics.read(cfg.run.dir) if "val_loss" in r}
     best = min(evals, key=evals.get)
@@ -194,14 +194,14 @@ def test_no_warnings_for_a_healthy_run(saved_run, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_checkpoints_intact(tiny_config):
-    from train.health import TrainingDiverged
+    from podtrain.train.health import TrainingDiverged
 
     # lr 1e30: step 1 applies a finite but enormous update, after which every loss is non-finite
     cfg = tiny_config("train.lr=1e30", "train.min_lr=0", "train.warmup_steps=0", "train.grad_clip=0",
                       "train.steps=10", "train.max_bad_steps=3", "checkpoint.every=1", "checkpoint.keep=10")
     with pytest.raises(TrainingDiverged, match=r"3 consecutive steps had a non-finite loss.*max_bad_steps=3"):
         loop.pretrain(cfg)
-    from train import metrics
+    from podtrain.train import metrics
 
     rows = metrics.read(cfg.run.dir)
     assert [r["skipped_steps"] for r in rows][:4] == [0, 0, 1, 2]  # counted one step late

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel import clusters
+from podtrain.parallel import clusters
 
 ROOT = Path(__file__).resolve().parent.parent
 

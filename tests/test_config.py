@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from data import tokenizer as tokenizers
-from train import config as configs
-from train import loop
-from train.config import ConfigError
+from podtrain.data import tokenizer as tokenizers
+from podtrain.train import config as configs
+from podtrain.train import loop
+from podtrain.train.config import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

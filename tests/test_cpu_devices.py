@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import devices
+from podtrain.parallel import devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = len(os.sched_getaffinity(0))

@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from data import pipeline
-from data import tokenizer as tokenizers
-from data.config import DataConfig
+from podtrain.data import pipeline
+from podtrain.data import tokenizer as tokenizers
+from podtrain.data.config import DataConfig
 
 SPLIT_SIZES = {"train": 1003854, "validation": 55770, "test": 55770}  # TFDS tiny_shakespeare, in characters
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from parallel import distributed
+from podtrain.parallel import distributed
 
 
 def test_job_round_trips_through_the_environment():

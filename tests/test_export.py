@@ -17,10 +17,12 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from data import tokenizer as tokenizers  # noqa: E402
-from launch import cli  # noqa: E402
-from train import adapters, config as configs, export, weights  # noqa: E402
-from train.config import ConfigError  # noqa: E402
+from podtrain.data import tokenizer as tokenizers  # noqa: E402
+from podtrain.launch import cli  # noqa: E402
+from podtrain.inference import weights  # noqa: E402
+from podtrain.interop import export  # noqa: E402
+from podtrain.train import adapters, config as configs  # noqa: E402
+from podtrain.train.config import ConfigError  # noqa: E402
 
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 65 characters
 TOL = 1e-5
@@ -228,8 +230,8 @@ def hf_greedy(directory, prompt: str, max_new_tokens: int) -> str:
 
 def heldout_dir(tmp_path, tfds_dir):
     """Fine-tuning text: tiny shakespeare's test split (never pretrained on), cut 80/20."""
-    from data import pipeline
-    from data.config import DataConfig
+    from podtrain.data import pipeline
+    from podtrain.data.config import DataConfig
 
     text = pipeline.split_text(pipeline.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp_path / "heldout"
@@ -244,7 +246,8 @@ def test_pretrain_finetune_export_gives_the_same_greedy_text(tiny_config, tmp_pa
     """Pretrain on tiny shakespeare, fine-tune (full, and LoRA), export, and run in transformers:
     greedy text equal to `podtrain sample --temperature 0` (within the trained context, where both
     see every token), and LoRA runs export their merged weights."""
-    from train import finetune, generate, loop
+    from podtrain.inference import generate
+    from podtrain.train import finetune, loop
 
     model = ("data.seq_len=48", "train.lr=1e-2", "train.min_lr=1e-3")
     base = tiny_config(*model, "train.steps=150", "train.eval_every=150")
@@ -273,7 +276,8 @@ def test_pretrain_finetune_export_gives_the_same_greedy_text(tiny_config, tmp_pa
 
 @pytest.mark.slow
 def test_imported_model_can_be_fine_tuned_sampled_and_exported(tmp_path, tfds_dir, shakespeare_dir):
-    from train import finetune, generate
+    from podtrain.inference import generate
+    from podtrain.train import finetune
 
     cfg, _, _ = random_run(tmp_path / "run", vocab_size=65, num_layers=2, tie_embeddings=False)
     export.export(tmp_path / "run", tmp_path / "hf")
@@ -426,7 +430,8 @@ FT_MODES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense", pytest.param("moe", marks=needs_moe_finetune)])
 def test_sample_and_export_read_freeze_and_lora_runs(tiny_config, tmp_path, capsys, kind):
-    from train import finetune, generate, integrity, loop
+    from podtrain.inference import generate
+    from podtrain.train import finetune, integrity, loop
 
     # a large init_std: the barely trained model's greedy text is varied, not one repeated character
     model = (*FT_KINDS[kind], "model.init_std=0.3", "train.lr=1e-2")

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import packing, pipeline
-from data.config import DataConfig
-from data.tokenizer import CharTokenizer
-from launch import cli
-from model import Transformer
-from train import adapters, config as configs, finetune, integrity, loop
-from train.config import ConfigError
+from podtrain.data import packing, pipeline
+from podtrain.data.config import DataConfig
+from podtrain.data.tokenizer import CharTokenizer
+from podtrain.launch import cli
+from podtrain.model import Transformer
+from podtrain.train import adapters, config as configs, finetune, integrity, loop
+from podtrain.train.config import ConfigError
 
 TINY = [
     "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
@@ -107,9 +107,9 @@ def test_merged_params_of_a_run_trained_on_slices(base_run, tmp_path, tfds_dir):
 
 
 def _check_plain_model_loss(cfg, result):
-    from data import tokenizer as tokenizers
-    from parallel import mesh as meshes, rules
-    from train import optim, state as states, step as steps
+    from podtrain.data import tokenizer as tokenizers
+    from podtrain.parallel import mesh as meshes, rules
+    from podtrain.train import optim, state as states, step as steps
 
     cfg = loop.resolve(cfg, 65)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
@@ -184,7 +184,7 @@ def test_packing_masks_prompts_and_separates_examples():
 
 def test_packed_logits_equal_each_example_alone():
     """No attention across examples: a packed row gives each example the logits it has alone."""
-    from model import ModelConfig
+    from podtrain.model import ModelConfig
     from flax import nnx
 
     cfg = ModelConfig(vocab_size=11, num_layers=2, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32)

@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from data import pipeline
-from data import tokenizer as tokenizers
-from data.config import DataConfig
-from parallel import mesh as meshes, rules
-from train import adapters, config as configs, finetune, integrity, loop, metrics as metrics_io, optim
-from train import state as states, step as steps
-from train.config import ConfigError
+from podtrain.data import pipeline
+from podtrain.data import tokenizer as tokenizers
+from podtrain.data.config import DataConfig
+from podtrain.parallel import mesh as meshes, rules
+from podtrain.train import adapters, config as configs, finetune, integrity, loop, metrics as metrics_io, optim
+from podtrain.train import state as states, step as steps
+from podtrain.train.config import ConfigError
 
 TINY = [
     "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch import cli, local
-from train import loop
+from podtrain.launch import cli, local
+from podtrain.train import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from launch import cli
-from parallel import mesh as meshes, rules
-from parallel.config import MeshConfig
-from train import config as configs, optim, state as states, validate
-from train.config import ConfigError
+from podtrain.launch import cli
+from podtrain.parallel import mesh as meshes, rules
+from podtrain.parallel.config import MeshConfig
+from podtrain.train import config as configs, optim, state as states, validate
+from podtrain.train.config import ConfigError
 
 MODEL = ["model.num_layers=1", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=4",
          "model.mlp_dim=128", "model.vocab_size=64", "train.batch_size=16"]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import ModelConfig, Transformer
-from model.config import REMAT_POLICIES
-from train.step import lm_loss
+from podtrain.model import ModelConfig, Transformer
+from podtrain.model.config import REMAT_POLICIES
+from podtrain.train.step import lm_loss
 
 B, T = 2, 8
 CFG = ModelConfig(vocab_size=B * T, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)

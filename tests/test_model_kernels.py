@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import ModelConfig, Transformer, init_cache
-from model import transformer
+from podtrain.model import ModelConfig, Transformer, init_cache
+from podtrain.model import transformer
 
 
 def test_swiglu_value_and_grads_equal_autodiff_of_silu():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import moe as moe_lib
-from model.config import ModelConfig, MoEConfig
+from podtrain.model import moe as moe_lib
+from podtrain.model.config import ModelConfig, MoEConfig
 
 jax.config.update("jax_enable_x64", False)
 
@@ -179,7 +179,7 @@ def test_bias_update_moves_toward_balance():
 
 
 def test_router_bias_is_a_buffer_outside_the_optimizer():
-    from train import config as configs, optim, state as states
+    from podtrain.train import config as configs, optim, state as states
 
     cfg = configs.load(None, ["model.vocab_size=32", "moe.num_experts=4", "moe.router=sigmoid_bias", "mesh.devices=1"])
     tx = optim.optimizer(cfg.train)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config import ModelConfig, MoEConfig
-from train import config as configs
+from podtrain.model.config import ModelConfig, MoEConfig
+from podtrain.train import config as configs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def test_cli_rejects_bad_moe_input(case, tmp_path):
     overrides, names = BAD[case]
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "pretrain", "--config", "configs/shakespeare_char.yaml",
+        [sys.executable, "-m", "podtrain.launch.cli", "pretrain", "--config", "configs/shakespeare_char.yaml",
          f"run.dir={run_dir}", *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},

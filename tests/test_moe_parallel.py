@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import mesh as meshes, rules
-from train import config as configs, optim, state as states, step as steps
+from podtrain.parallel import mesh as meshes, rules
+from podtrain.train import config as configs, optim, state as states, step as steps
 
 MOE = [
     "moe.num_experts=8", "moe.top_k=2", "moe.expert_mlp_dim=24", "moe.router=sigmoid_bias",

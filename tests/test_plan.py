@@ -8,9 +8,10 @@ import pytest
 
 pytest.importorskip("libtpu", reason="plan compiles for TPUs with the libtpu wheel: pip install -e '.[tpu]' (CI does)")
 
-from launch import cli, plan, topology  # noqa: E402
-from parallel import devices as chips, mesh as meshes  # noqa: E402
-from train import config as configs  # noqa: E402
+from podtrain.launch import cli  # noqa: E402
+from podtrain.plan import estimate, topology  # noqa: E402
+from podtrain.parallel import devices as chips, mesh as meshes  # noqa: E402
+from podtrain.train import config as configs  # noqa: E402
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.yaml")
 # Dimensions are whole TPU tiles (8 x 128), so no shard is padded.
@@ -35,24 +36,24 @@ STATE_HEAVY = [
 def test_plan_compiles_the_train_step_for_v5p_8():
     cfg = configs.load(None, SMALL)
     lines = []
-    est = plan.plan(cfg, "v5p-8", log=lines.append)
+    est = estimate.plan(cfg, "v5p-8", log=lines.append)
     assert (est.chips, est.device_kind, est.hbm) == (4, "TPU v5", 95 * 2**30) and est.fits
     assert "fits: yes" in lines[-1] and "FLOPs per step" in lines[-1]
 
     # Arguments are exactly this chip's shard of the train state plus its rows of the batch.
-    pod_cfg = plan._plan_config(cfg, 1)
+    pod_cfg = estimate._plan_config(cfg, 1)
     devs = topology.devices(topology.parse("v5p-8"))
     mesh = meshes.build_mesh(pod_cfg.mesh, devs)
     batch_bytes = 2 * (8 // 4) * 64 * 4  # inputs + targets, int32
-    expected = plan.state_bytes_per_chip(pod_cfg, mesh) + batch_bytes
+    expected = estimate.state_bytes_per_chip(pod_cfg, mesh) + batch_bytes
     assert expected <= est.memory.arguments <= 1.01 * expected  # + a few padded scalars (step, Adam count)
     assert est.memory.total == pytest.approx(
         est.memory.arguments + est.memory.outputs - est.memory.aliased + est.memory.temporaries + est.memory.code)
 
     # Cost analysis counts the scanned layer body once; the corrected figure matches the same step
     # compiled with every layer unrolled (no loop), within the loop's own bookkeeping.
-    scanned = plan._cost(plan.compile_step(pod_cfg, devs)[0])[0]
-    unrolled = plan._cost(plan.compile_step(configs.replace(pod_cfg, model={"scan_layers": "unroll"}), devs)[0])[0]
+    scanned = estimate._cost(estimate.compile_step(pod_cfg, devs)[0])[0]
+    unrolled = estimate._cost(estimate.compile_step(configs.replace(pod_cfg, model={"scan_layers": "unroll"}), devs)[0])[0]
     assert scanned < 0.8 * unrolled
     assert est.flops == pytest.approx(unrolled, rel=0.03)
     assert 0.5 * est.flops * est.chips < est.model_flops < est.flops * est.chips
@@ -65,7 +66,7 @@ def test_plan_compiles_the_train_step_for_v5p_8():
 @pytest.mark.slow
 def test_plan_two_slices_joins_them_over_dcn():
     cfg = configs.load(None, TINY)
-    est = plan.plan(cfg, "v5p-8", num_slices=2, log=lambda _: None)
+    est = estimate.plan(cfg, "v5p-8", num_slices=2, log=lambda _: None)
     assert est.chips == 8 and est.dcn["data"] == 2 and est.mesh["fsdp"] == 4 and est.fits
 
 
@@ -73,7 +74,7 @@ def test_plan_two_slices_joins_them_over_dcn():
 def test_does_not_fit_then_search_finds_a_layout_that_does(monkeypatch, capsys):
     cfg = configs.load(CONFIG, STATE_HEAVY)
     devs = topology.devices(topology.parse("v5p-8"))
-    replicated = plan.state_bytes_per_chip(cfg, meshes.build_mesh(cfg.mesh, devs))
+    replicated = estimate.state_bytes_per_chip(cfg, meshes.build_mesh(cfg.mesh, devs))
     hbm = 0.9 * replicated  # a chip too small for the replicated state alone (data parallel)
     monkeypatch.setitem(chips.PUBLISHED_HBM, "TPU v5", hbm)
 
@@ -81,7 +82,7 @@ def test_does_not_fit_then_search_finds_a_layout_that_does(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1 and "DOES NOT FIT: needs" in out and "HBM is" in out, out
 
-    ranked = plan.search(cfg, "v5p-8", log=lambda _: None)
+    ranked = estimate.search(cfg, "v5p-8", log=lambda _: None)
     best = ranked[0]
     assert best.fits and best.mesh["fsdp"] > 1 and best.memory.total <= hbm
     assert all(not e.fits or e.step_s >= best.step_s for e in ranked)
@@ -122,27 +123,27 @@ def test_ragged_dot_kernels_are_charged_for_the_rows_routing_fills():
 
     compiled = jax.jit(jax.lax.ragged_dot).lower(
         shape(rows, d), shape(experts, d, f), shape(experts, dt=jnp.int32)).compile()
-    [(buffer, tile, charged)] = plan.ragged_kernels(compiled.as_text())
+    [(buffer, tile, charged)] = estimate.ragged_kernels(compiled.as_text())
     assert buffer == rows and charged == 2 * rows * d * f and tile in (8, 16, 32, 64, 128, 256, 512)
     pairs = 256
-    balanced, cost_analysis, _ = plan._cost(compiled, (pairs, experts))
+    balanced, cost_analysis, _ = estimate._cost(compiled, (pairs, experts))
     assert cost_analysis == pytest.approx(charged, rel=0.01)
     assert balanced == pytest.approx(cost_analysis - charged * (1 - (pairs + experts * tile) / rows))
-    assert plan._cost(compiled)[0] == cost_analysis  # dense configs: nothing corrected
+    assert estimate._cost(compiled)[0] == cost_analysis  # dense configs: nothing corrected
 
 
 def test_a_large_flops_disagreement_is_a_warning():
     cfg = configs.load(None, TINY)
-    est = plan.Estimate(
+    est = estimate.Estimate(
         mesh={"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, dcn={"data": 1, "fsdp": 1, "expert": 1, "tensor": 1},
         remat="full", device_kind="TPU v5", chips=8, hbm=95 * 2**30, memory=None, oom=None, flops=1e12,
         cost_analysis_flops=2e12, bytes_accessed=1e9, model_flops=8e12 / 1.3, peak_flops=459e12,
         hbm_bandwidth=2765e9, compile_s=1.0,
     )
-    assert est.agrees and not any("WARNING" in line for line in plan.flops_lines(est, cfg))
-    assert any("cost analysis alone says" in line for line in plan.flops_lines(est, cfg))
+    assert est.agrees and not any("WARNING" in line for line in estimate.flops_lines(est, cfg))
+    assert any("cost analysis alone says" in line for line in estimate.flops_lines(est, cfg))
     off = dataclasses.replace(est, model_flops=8e12 / 8.9)
-    warning = [line for line in plan.flops_lines(off, cfg) if "WARNING" in line]
+    warning = [line for line in estimate.flops_lines(off, cfg) if "WARNING" in line]
     assert not off.agrees and warning and "8.90x the model FLOPs" in warning[0]
     assert off.step_flops == off.flops  # work the compiled program does is kept
     low = dataclasses.replace(est, model_flops=8e12 * 2)  # the cost analysis misses work: model FLOPs instead
@@ -161,13 +162,13 @@ def test_plan_compiles_the_train_step_for_an_h100_node():
     """No GPU here: the CUDA plugin compiles for the H100 target description."""
     cfg = configs.load(None, TINY)
     lines = []
-    est = plan.plan(cfg, "h100-8", log=lines.append)
+    est = estimate.plan(cfg, "h100-8", log=lines.append)
     assert (est.chips, est.hbm) == (8, chips.PUBLISHED_HBM["NVIDIA H100"]) and est.fits
     assert est.device_kind.startswith("NVIDIA H100") and est.peak_flops == chips.PUBLISHED_PEAK["NVIDIA H100"]
     assert est.agrees and "fits: yes" in lines[-1], lines[-1]
-    pod_cfg = plan._plan_config(cfg, 1)
+    pod_cfg = estimate._plan_config(cfg, 1)
     devs = topology.devices(topology.parse_target("h100-8"))
-    expected = plan.state_bytes_per_chip(pod_cfg, meshes.build_mesh(pod_cfg.mesh, devs)) + 2 * 1 * 32 * 4
+    expected = estimate.state_bytes_per_chip(pod_cfg, meshes.build_mesh(pod_cfg.mesh, devs)) + 2 * 1 * 32 * 4
     assert expected <= est.memory.arguments <= 1.05 * expected
 
 

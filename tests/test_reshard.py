@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import mesh as meshes
-from train import checkpoint, integrity, loop, optim, state as states
-from train import config as configs
+from podtrain.parallel import mesh as meshes
+from podtrain.train import checkpoint, integrity, loop, optim, state as states
+from podtrain.train import config as configs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,7 @@ TWO_PROCESS_RUN = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
-    from train import config as configs, loop, integrity
+    from podtrain.train import config as configs, loop, integrity
     result = loop.pretrain(configs.load(sys.argv[3]))
     print("DIGEST", integrity.tree_digest(result["state"].params), result["val_loss"], flush=True)
 """)
@@ -106,7 +106,7 @@ MULTIHOST_SIGTERM_RUN = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
-    from train import config as configs, loop
+    from podtrain.train import config as configs, loop
     result = loop.pretrain(configs.load(sys.argv[3]))
     print("RESULT", result["preempted"], result["step"], flush=True)
 """)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import checkpoint
-from train.preemption import PREEMPTED_EXIT_CODE
+from podtrain.train import checkpoint
+from podtrain.train.preemption import PREEMPTED_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
@@ -40,7 +40,7 @@ def _write_config(path: Path, run_dir: Path, tfds_dir, shakespeare_dir) -> Path:
 def _start(config: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "pretrain", "--config", str(config)],
+        [sys.executable, "-m", "podtrain.launch.cli", "pretrain", "--config", str(config)],
         cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
     )
 

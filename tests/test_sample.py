@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import ModelConfig, Transformer, init_cache
-from train import generate
+from podtrain.model import ModelConfig, Transformer, init_cache
+from podtrain.inference import generate
 
 # A larger init_std than training uses makes the random model's next-token choices clear-cut,
 # so greedy comparisons are not decided by float noise between two equally likely tokens.

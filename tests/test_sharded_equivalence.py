@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from train import config as configs, optim, state as states, step as steps, validate
-from train.loop import global_batch
-from parallel import rules
+from podtrain.train import config as configs, optim, state as states, step as steps, validate
+from podtrain.train.loop import global_batch
+from podtrain.parallel import rules
 
 STEPS, BATCH, SEQ, VOCAB = 3, 16, 16, 64
 # Dims divide every degree used below: 4 heads, 4 kv heads, d_model 64, mlp 128, vocab 64.

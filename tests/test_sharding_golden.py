@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from parallel import mesh as meshes, rules
-from parallel.config import AXES, MeshConfig
-from train import config as configs, state as states, validate
-from train.config import ConfigError
+from podtrain.parallel import mesh as meshes, rules
+from podtrain.parallel.config import AXES, MeshConfig
+from podtrain.train import config as configs, state as states, validate
+from podtrain.train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "sharding"

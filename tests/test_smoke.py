@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train import loop
+from podtrain.train import loop
 
 
 def test_pretrain_writes_a_complete_run_dir(tiny_config):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import cli, gke, slurm, submit as submits, topology, tpu_vm
-from train import config as configs
+from podtrain.launch import cli, gke, slurm, submit as submits, tpu_vm
+from podtrain.plan import topology
+from podtrain.train import config as configs
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = """my "job" 'x' $(touch PWNED) `touch PWNED2`; touch PWNED3 && echo $HOME"""
@@ -129,7 +130,7 @@ def test_sbatch_script_fields_and_inert_name(tmp_path):
     assert not list(tmp_path.glob("PWNED*"))
     [call] = _calls(log)
     assert call[call.index("--config") + 1] == str((submits.stage_dir(cfg) / submits.JOB_CONFIG).resolve())
-    assert call[:5] == ["--kill-on-bad-exit=1", "python3", "-m", "launch.cli", "pretrain"]
+    assert call[:5] == ["--kill-on-bad-exit=1", "python3", "-m", "podtrain.launch.cli", "pretrain"]
 
 
 def test_sbatch_rejects_values_sbatch_would_misread():
@@ -274,7 +275,7 @@ def test_shipped_configs_load_and_dry_run(path):
 
 @pytest.mark.slow
 def test_submit_local_runs_a_two_process_training(tmp_path, monkeypatch, tfds_dir, shakespeare_dir, capfd):
-    pytest.importorskip("launch.local", reason="`podtrain launch local` (the parallel issue) is not merged yet")
+    pytest.importorskip("podtrain.launch.local", reason="`podtrain launch local` (the parallel issue) is not merged yet")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     run_dir = tmp_path / "run"

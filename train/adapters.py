@@ -24,11 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model import ModelConfig, axes
-from model.config import MoEConfig
-from parallel import rules
-from train import state as states
-from train.config import ConfigError, FinetuneConfig
+from podtrain.model import ModelConfig, axes
+from podtrain.model.config import MoEConfig
+from podtrain.parallel import rules
+from podtrain.train import state as states
+from podtrain.train.config import ConfigError, FinetuneConfig
 
 
 def path_str(path) -> str:

@@ -25,10 +25,10 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX
 
-from train import integrity
-from train.config import CheckpointConfig
-from train.integrity import CorruptCheckpointWarning
-from train.state import TrainState
+from podtrain.train import integrity
+from podtrain.train.config import CheckpointConfig
+from podtrain.train.integrity import CorruptCheckpointWarning
+from podtrain.train.state import TrainState
 
 DIRNAME = "checkpoints"
 INVALID_DIRNAME = "checkpoints_invalid"

@@ -14,9 +14,9 @@ from pathlib import Path
 import dacite
 import yaml
 
-from data.config import DataConfig
-from model.config import ModelConfig, MoEConfig, check, check_choice
-from parallel.config import MeshConfig
+from podtrain.data.config import DataConfig
+from podtrain.model.config import ModelConfig, MoEConfig, check, check_choice
+from podtrain.parallel.config import MeshConfig
 
 
 class ConfigError(ValueError):

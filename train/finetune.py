@@ -18,13 +18,13 @@ import numpy as np
 from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
 
-from data import packing, pipeline
-from data import tokenizer as tokenizers
-from parallel.config import MeshConfig
-from parallel import distributed, mesh as meshes, rules
-from train import adapters, checkpoint, config as configs, loop, optim
-from train import state as states, step as steps, validate
-from train.config import Config, ConfigError
+from podtrain.data import packing, pipeline
+from podtrain.data import tokenizer as tokenizers
+from podtrain.parallel.config import MeshConfig
+from podtrain.parallel import distributed, mesh as meshes, rules
+from podtrain.train import adapters, checkpoint, config as configs, loop, optim
+from podtrain.train import state as states, step as steps, validate
+from podtrain.train.config import Config, ConfigError
 
 
 def parse_init_from(value: str) -> tuple[Path, int | None]:

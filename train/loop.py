@@ -8,14 +8,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from data import pipeline
-from data import tokenizer as tokenizers
-from parallel import devices, distributed, rules
-from train import checkpoint, config as configs, metrics as metrics_io, moe_stats, optim, state as states, step as steps
-from train import validate
-from train.health import BadSteps
-from train.preemption import PreemptionWatch
-from train.config import Config, ConfigError
+from podtrain.data import pipeline
+from podtrain.data import tokenizer as tokenizers
+from podtrain.parallel import devices, distributed, rules
+from podtrain.train import checkpoint, config as configs, metrics as metrics_io, moe_stats, optim, state as states, step as steps
+from podtrain.train import validate
+from podtrain.train.health import BadSteps
+from podtrain.train.preemption import PreemptionWatch
+from podtrain.train.config import Config, ConfigError
 
 SPLITS = ("train", "validation", "test")
 

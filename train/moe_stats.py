@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model.config import ModelConfig, MoEConfig  # noqa: E402
-from train import metrics as metrics_io  # noqa: E402
+from podtrain.model.config import ModelConfig, MoEConfig  # noqa: E402
+from podtrain.train import metrics as metrics_io  # noqa: E402
 
 LOAD_PNG = "moe_load.png"
 _LOAD_KEY = re.compile(r"moe/layer(\d+)/load_e(\d+)$")

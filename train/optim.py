@@ -3,7 +3,7 @@
 import jax
 import optax
 
-from train.config import TrainConfig
+from podtrain.train.config import TrainConfig
 
 NO_DECAY = ("norm", "bias")  # parameter path parts that are never weight-decayed
 

@@ -12,9 +12,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model import ModelConfig, Transformer
-from model.config import MoEConfig
-from parallel import rules
+from podtrain.model import ModelConfig, Transformer
+from podtrain.model.config import MoEConfig
+from podtrain.parallel import rules
 
 BUFFERS = nnx.Not(nnx.Param)  # every other model variable (the MoE router bias)
 

@@ -6,11 +6,11 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from model import moe as moe_lib
-from model.config import MoEConfig
-from parallel import devices, rules
-from train.config import TrainConfig
-from train.state import Layout, TrainState
+from podtrain.model import moe as moe_lib
+from podtrain.model.config import MoEConfig
+from podtrain.parallel import devices, rules
+from podtrain.train.config import TrainConfig
+from podtrain.train.state import Layout, TrainState
 
 Batch = dict[str, jax.Array]  # 'inputs', 'targets' (B, T) int32; optional 'weights', 'segment_ids', 'positions'
 

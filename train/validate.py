@@ -7,8 +7,8 @@ the model and the batch, which parallel/ does not.
 import jax
 from jax.sharding import Mesh
 
-from parallel import mesh as meshes, rules
-from train.config import Config, ConfigError
+from podtrain.parallel import mesh as meshes, rules
+from podtrain.train.config import Config, ConfigError
 
 
 def num_experts(cfg: Config) -> int:

@@ -1,6 +1,6 @@
 """The Hugging Face `transformers` view of a podtrain model: config, tensor names, tokenizer.
 
-Pure mappings, no I/O: `train/export.py` streams tensors through them. Dense models are
+Pure mappings, no I/O: `interop/export.py` streams tensors through them. Dense models are
 `LlamaForCausalLM`, MoE models `MixtralForCausalLM` or `Glm4MoeForCausalLM` (see `architecture`).
 Our RoPE is already the rotate-half layout `transformers` uses, so q and k need no permutation;
 only the head axes are flattened and the matrices transposed (`transformers` stores Linear
@@ -15,8 +15,8 @@ import json
 
 import numpy as np
 
-from data import tokenizer as tokenizers
-from train.config import Config, ConfigError
+from podtrain.data import tokenizer as tokenizers
+from podtrain.train.config import Config, ConfigError
 
 LLAMA = "LlamaForCausalLM"
 MIXTRAL = "MixtralForCausalLM"

@@ -18,9 +18,9 @@ import math
 import os
 import re
 
-from parallel.config import AXES
-from train import config as configs
-from train.config import Config, ConfigError
+from podtrain.parallel.config import AXES
+from podtrain.train import config as configs
+from podtrain.train.config import Config, ConfigError
 
 # generation: (cores per chip in the slice name, libtpu name, gcloud prefix, GKE accelerator label)
 GENERATIONS = {

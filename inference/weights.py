@@ -12,9 +12,9 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from data import tokenizer as tokenizers
-from train import checkpoint, config as configs, finetune, state as states
-from train.config import Config, ConfigError
+from podtrain.data import tokenizer as tokenizers
+from podtrain.train import checkpoint, config as configs, finetune, state as states
+from podtrain.train.config import Config, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

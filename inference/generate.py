@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data import tokenizer as tokenizers
-from model import init_cache, moe
-from train import config as configs, weights
+from podtrain.data import tokenizer as tokenizers
+from podtrain.model import init_cache, moe
+from podtrain.inference import weights
+from podtrain.train import config as configs
 
 
 def pick(logits_V: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:

@@ -18,9 +18,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data import tokenizer as tokenizers
-from train import checkpoint, config as configs, hf, integrity, weights
-from train.config import Config, ConfigError
+from podtrain.data import tokenizer as tokenizers
+from podtrain.inference import weights
+from podtrain.interop import hf
+from podtrain.train import checkpoint, config as configs, integrity
+from podtrain.train.config import Config, ConfigError
 
 FORMATS = ("hf", "safetensors")
 DEFAULT_MAX_SHARD = "5GB"

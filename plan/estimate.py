@@ -43,12 +43,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from launch import topology
-from model.config import REMAT_POLICIES
-from parallel import devices as chips, mesh as meshes, rules
-from parallel.config import AXES
-from train import config as configs, optim, state as states, step as steps, validate
-from train.config import Config, ConfigError
+from podtrain.plan import topology
+from podtrain.model.config import REMAT_POLICIES
+from podtrain.parallel import devices as chips, mesh as meshes, rules
+from podtrain.parallel.config import AXES
+from podtrain.train import config as configs, optim, state as states, step as steps, validate
+from podtrain.train.config import Config, ConfigError
 
 GiB = 2**30
 # The TPU compiler's out-of-memory messages: "... Used 130.5G of 95.74G hbm ..." or "... the total

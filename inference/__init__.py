@@ -1,0 +1,1 @@
+"""Using a trained run: its weights (any kind of run) and KV-cache sampling."""

@@ -1,0 +1,1 @@
+"""Other formats: Hugging Face `transformers` checkpoints and configs, raw safetensors."""
