@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from podtrain.data import pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.data.config import DataConfig
 
 SPLIT_SIZES = {"train": 1003854, "validation": 55770, "test": 55770}  # TFDS tiny_shakespeare, in characters
@@ -23,7 +23,7 @@ def splits(tfds_dir, shakespeare_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def train_tokens(splits) -> np.ndarray:
-    return tokenizers.build("char", "".join(splits.values())).encode(splits["train"])
+    return tokenizer.build("char", "".join(splits.values())).encode(splits["train"])
 
 
 def test_tiny_shakespeare_splits_match_tfds(splits, shakespeare_dir):
@@ -99,33 +99,33 @@ def test_eval_batches_are_fixed(train_tokens):
 
 def test_char_tokenizer_round_trips_the_corpus(splits, tmp_path):
     corpus = "".join(splits.values())
-    tok = tokenizers.build("char", corpus)
+    tok = tokenizer.build("char", corpus)
     assert tok.vocab_size == 65  # tiny-shakespeare's character set
     ids = tok.encode(corpus)
     assert ids.min() == 0 and ids.max() == tok.vocab_size - 1
     assert tok.decode(ids) == corpus
-    tokenizers.save(tok, tmp_path)
-    loaded = tokenizers.load(tmp_path)
+    tokenizer.save(tok, tmp_path)
+    loaded = tokenizer.load(tmp_path)
     assert loaded == tok
     np.testing.assert_array_equal(loaded.encode(corpus[:5000]), ids[:5000])
 
 
 def test_char_tokenizer_non_ascii_and_unknown_characters(tmp_path):
     text = "naïve café — Ωμέγα 世界 🙂\n\t\"quoted\"\\"
-    tok = tokenizers.build("char", text)
+    tok = tokenizer.build("char", text)
     assert tok.decode(tok.encode(text)) == text
-    tokenizers.save(tok, tmp_path)
-    assert tokenizers.load(tmp_path).decode(tok.encode(text)) == text
+    tokenizer.save(tok, tmp_path)
+    assert tokenizer.load(tmp_path).decode(tok.encode(text)) == text
     with pytest.raises(ValueError, match="not in the tokenizer"):
         tok.encode("xyz")
 
 
 def test_byte_tokenizer_round_trips_non_ascii(tmp_path):
     text = "To be, or not — naïve Ωμέγα 世界 🙂\x00\n"
-    tok = tokenizers.build("byte", "ignored")
+    tok = tokenizer.build("byte", "ignored")
     ids = tok.encode(text)
     assert tok.vocab_size == 256 and len(ids) == len(text.encode("utf-8")) and ids.max() < 256
     assert tok.decode(ids) == text
-    tokenizers.save(tok, tmp_path)
-    loaded = tokenizers.load(tmp_path)
+    tokenizer.save(tok, tmp_path)
+    loaded = tokenizer.load(tmp_path)
     assert loaded == tok and loaded.decode(loaded.encode(text)) == text

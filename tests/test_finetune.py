@@ -107,13 +107,13 @@ def test_merged_params_of_a_run_trained_on_slices(base_run, tmp_path, tfds_dir):
 
 
 def _check_plain_model_loss(cfg, result):
-    from podtrain.data import tokenizer as tokenizers
+    from podtrain.data import tokenizer
     from podtrain.parallel import mesh as meshes, rules
     from podtrain.train import optim, state as states, step as steps
 
     cfg = loop.resolve(cfg, 65)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
-    _, val = finetune.load_data(cfg, tokenizers.load(cfg.run.dir), 0, 1)
+    _, val = finetune.load_data(cfg, tokenizer.load(cfg.run.dir), 0, 1)
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     params = jax.device_put(result["params"], lay.params)
     loss = loop.evaluate(steps.make_eval_step(lay), params, batches)

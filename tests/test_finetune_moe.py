@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from podtrain.data import pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.data.config import DataConfig
 from podtrain.parallel import mesh as meshes, rules
 from podtrain.train import adapters, config as configs, finetune, integrity, loop, metrics as metrics_io, optim
@@ -59,7 +59,7 @@ def _evaluator(cfg):
     """(params, buffers) -> the plain (pretraining) model's held-out loss, compiled once."""
     cfg = loop.resolve(cfg, 65)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh), cfg.moe)
-    _, val = finetune.load_data(cfg, tokenizers.load(cfg.run.dir), 0, 1)
+    _, val = finetune.load_data(cfg, tokenizer.load(cfg.run.dir), 0, 1)
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     eval_step = steps.make_eval_step(lay)
 

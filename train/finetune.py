@@ -19,7 +19,7 @@ from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
 
 from podtrain.data import packing, pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.parallel.config import MeshConfig
 from podtrain.parallel import distributed, mesh as meshes, rules
 from podtrain.train import adapters, checkpoint, config as configs, loop, optim
@@ -42,7 +42,7 @@ def parse_init_from(value: str) -> tuple[Path, int | None]:
 ROUTING_KEYS = ("top_k", "router", "normalize_topk", "n_groups", "topk_groups", "routed_scaling")
 
 
-def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizers.Tokenizer]:
+def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizer.Tokenizer]:
     """(base run dir, step, its tokenizer), checking the tokenizer kind matches data.tokenizer and
     the MoE routing settings (which parameter shapes do not show) match the base run's."""
     run_dir, step = parse_init_from(cfg.finetune.init_from)
@@ -62,7 +62,7 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizers.Tokenizer]:
             f"data.tokenizer={cfg.data.tokenizer!r} does not match the base run's {spec['kind']!r} tokenizer: "
             f"set data.tokenizer={spec['kind']}"
         )
-    tok = tokenizers.CharTokenizer(spec["chars"]) if spec["kind"] == "char" else tokenizers.ByteTokenizer()
+    tok = tokenizer.CharTokenizer(spec["chars"]) if spec["kind"] == "char" else tokenizer.ByteTokenizer()
     return run_dir, step, tok
 
 

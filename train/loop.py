@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from podtrain.data import pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.parallel import devices, distributed, rules
 from podtrain.train import checkpoint, config as configs, metrics as metrics_io, moe_stats, optim, state as states, step as steps
 from podtrain.train import validate
@@ -24,7 +24,7 @@ def load_data(cfg: Config):
     """(tokenizer, {split: token ids}); raises DatasetUnavailable before anything is written."""
     builder = pipeline.prepare(cfg.data)
     texts = {split: pipeline.split_text(builder, split) for split in SPLITS}
-    tok = tokenizers.build(cfg.data.tokenizer, "".join(texts.values()))
+    tok = tokenizer.build(cfg.data.tokenizer, "".join(texts.values()))
     return tok, {split: tok.encode(text) for split, text in texts.items()}
 
 
@@ -62,7 +62,7 @@ def prepare_run_dir(cfg: Config, tok) -> Path:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(configs.dump(cfg))
-        tokenizers.save(tok, run_dir)
+        tokenizer.save(tok, run_dir)
     return run_dir
 
 
