@@ -45,9 +45,9 @@ def assert_same_batches(a, b) -> None:
 
 
 def test_same_seed_same_batches_different_seed_different(train_tokens):
-    first = take(pipeline.train_dataset(train_tokens, 32, 8, seed=3), 4)
-    assert_same_batches(take(pipeline.train_dataset(train_tokens, 32, 8, seed=3), 4), first)
-    other = take(pipeline.train_dataset(train_tokens, 32, 8, seed=4), 4)
+    first = take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=3), 4)
+    assert_same_batches(take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=3), 4), first)
+    other = take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=4), 4)
     assert not np.array_equal(other[0]["inputs"], first[0]["inputs"])
 
 
@@ -56,7 +56,7 @@ def test_batches_are_shuffled_windows_of_the_corpus():
     n, seq_len, batch = 203, 10, 8
     tokens = np.arange(n, dtype=np.int32)
     windows = n - seq_len
-    batches = take(pipeline.train_dataset(tokens, seq_len, batch, seed=0), windows // batch)
+    batches = take(pipeline.train_dataset(pipeline.Windows(tokens, seq_len), batch, seed=0), windows // batch)
     starts = []
     for b in batches:
         assert b["inputs"].shape == b["targets"].shape == (batch, seq_len)
@@ -71,8 +71,9 @@ def test_batches_are_shuffled_windows_of_the_corpus():
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_process_slices_concatenate_to_the_global_batch(train_tokens, processes):
-    global_batches = take(pipeline.train_dataset(train_tokens, 16, 8, seed=5), 3)
-    per_process = [take(pipeline.train_dataset(train_tokens, 16, 8, 5, p, processes), 3) for p in range(processes)]
+    windows = pipeline.Windows(train_tokens, 16)
+    global_batches = take(pipeline.train_dataset(windows, 8, seed=5), 3)
+    per_process = [take(pipeline.train_dataset(windows, 8, 5, p, processes), 3) for p in range(processes)]
     for step, expected in enumerate(global_batches):
         for key in expected:
             got = np.concatenate([batches[step][key] for batches in per_process])
@@ -80,11 +81,11 @@ def test_process_slices_concatenate_to_the_global_batch(train_tokens, processes)
 
 
 def test_iterator_state_resumes_exactly(train_tokens):
-    it = iter(pipeline.train_dataset(train_tokens, 16, 4, seed=7))
+    it = iter(pipeline.train_dataset(pipeline.Windows(train_tokens, 16), 4, seed=7))
     take(it, 5)
     state = it.get_state()
     expected = take(it, 4)
-    fresh = iter(pipeline.train_dataset(train_tokens, 16, 4, seed=7))
+    fresh = iter(pipeline.train_dataset(pipeline.Windows(train_tokens, 16), 4, seed=7))
     fresh.set_state(state)
     assert_same_batches(take(fresh, 4), expected)
     fresh.set_state(state)  # and again, after having moved on
@@ -92,8 +93,8 @@ def test_iterator_state_resumes_exactly(train_tokens):
 
 
 def test_eval_batches_are_fixed(train_tokens):
-    a = pipeline.eval_batches(train_tokens, 16, 4, num_batches=3, seed=0)
-    assert_same_batches(pipeline.eval_batches(train_tokens, 16, 4, num_batches=3, seed=0), a)
+    a = pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0)
+    assert_same_batches(pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0), a)
     assert len(a) == 3
 
 

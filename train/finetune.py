@@ -113,13 +113,13 @@ def load_data(cfg: Config, tok, pid: int, nproc: int):
             for i, ex in enumerate(examples):
                 _encode(tok, ex["prompt"] + ex["completion"], f"data {split} example {i}")
             rows[split] = packing.pack(packing.encode(tok, examples), t)
-        train = packing.train_dataset(rows["train"], bs, seed, pid, nproc)
-        val = packing.eval_batches(rows["validation"], bs, cfg.data.eval_batches, seed, pid, nproc)
+        train = pipeline.train_dataset(packing.Rows(rows["train"]), bs, seed, pid, nproc)
+        val = pipeline.eval_batches(packing.Rows(rows["validation"]), bs, cfg.data.eval_batches, seed, pid, nproc)
         return iter(train), val
     tokens = {split: _encode(tok, pipeline.split_text(builder, split), f"data {split} split")
               for split in ("train", "validation")}
-    train = pipeline.train_dataset(tokens["train"], t, bs, seed, pid, nproc)
-    val = pipeline.eval_batches(tokens["validation"], t, bs, cfg.data.eval_batches, seed, pid, nproc)
+    train = pipeline.train_dataset(pipeline.Windows(tokens["train"], t), bs, seed, pid, nproc)
+    val = pipeline.eval_batches(pipeline.Windows(tokens["validation"], t), bs, cfg.data.eval_batches, seed, pid, nproc)
     return iter(train), val
 
 

@@ -101,10 +101,12 @@ def pretrain(cfg: Config) -> dict:
     batch_sharding = rules.batch_sharding(mesh)
     t, bs = cfg.data.seq_len, cfg.train.batch_size
     part, parts = rules.process_batch_slice(batch_sharding, bs)  # this process reads only its rows
-    data_iter = iter(pipeline.train_dataset(tokens["train"], t, bs, cfg.train.seed, part, parts))
+    data_iter = iter(pipeline.train_dataset(pipeline.Windows(tokens["train"], t), bs, cfg.train.seed, part, parts))
     val = [
         global_batch(b, batch_sharding, bs)
-        for b in pipeline.eval_batches(tokens["validation"], t, bs, cfg.data.eval_batches, cfg.train.seed, part, parts)
+        for b in pipeline.eval_batches(
+            pipeline.Windows(tokens["validation"], t), bs, cfg.data.eval_batches, cfg.train.seed, part, parts
+        )
     ]
 
     ckpts = checkpoint.Checkpoints(run_dir, cfg.checkpoint)
