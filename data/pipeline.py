@@ -1,4 +1,4 @@
-"""Tokenized splits and deterministic, resumable Grain pipelines of batches.
+"""Deterministic, resumable Grain pipelines: per-process slices of seeded global batches.
 
 Any random-access source of rows (dicts of arrays) is served the same way: its rows in an order
 shuffled with the seed (reshuffled each epoch by Grain); global batch b is rows [b*B, (b+1)*B) of
@@ -8,53 +8,8 @@ which lets a run resume on another process count (train/checkpoint.py). Pretrain
 (seq_len + 1)-token windows (Windows), fine-tuning's may be packed examples (data/packing.py).
 """
 
-from pathlib import Path
-
-import filelock
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
-
-from podtrain.data import text_files, tiny_shakespeare
-from podtrain.data.config import DataConfig
-from podtrain.data.tokenizer import Tokenizer
-
-BUILDERS = {"tiny_shakespeare": tiny_shakespeare.TinyShakespeare}
-
-
-def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-    """Build the dataset as ArrayRecord once (offline from data.manual_dir if given)."""
-    data_dir = Path(cfg.data_dir).expanduser()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    # Several processes on one machine (launch local) share data_dir: one builds, the rest wait.
-    with filelock.FileLock(data_dir / f".{cfg.dataset}.lock"):
-        return _prepare_locked(cfg, data_dir)
-
-
-def _prepare_locked(cfg: DataConfig, data_dir: Path) -> tfds.core.DatasetBuilder:
-    if cfg.dataset in text_files.BUILDERS:  # local folders: the builder config depends on the files
-        folder = Path(cfg.manual_dir).expanduser().resolve()
-        builder = text_files.BUILDERS[cfg.dataset](folder=folder, data_dir=str(data_dir), file_format="array_record")
-        if not (builder.data_path.exists() and builder.is_prepared()):
-            tfds.disable_progress_bar()
-            builder.download_and_prepare()
-        return builder
-    builder = BUILDERS[cfg.dataset](data_dir=str(data_dir), file_format="array_record")
-    if not (builder.data_path.exists() and builder.is_prepared()):  # is_prepared warns on a fresh dir
-        tfds.disable_progress_bar()
-        manual_dir = str(Path(cfg.manual_dir).expanduser().resolve()) if cfg.manual_dir else None
-        source_dir = builder.fetch_source(manual_dir, data_dir / "downloads" / builder.name)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)),
-        )
-    return builder
-
-
-def split_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
-    if split not in builder.info.splits:  # local text folders may have no test.txt
-        return ""
-    source = builder.as_data_source(split=split)
-    return "".join(source[i]["text"].decode("utf-8") for i in range(len(source)))
 
 
 class Windows:

@@ -6,30 +6,29 @@ import itertools
 import numpy as np
 import pytest
 
-from podtrain.data import pipeline
-from podtrain.data import tokenizer
+from podtrain.data import pipeline, splits, tokenizer
 from podtrain.data.config import DataConfig
 
 SPLIT_SIZES = {"train": 1003854, "validation": 55770, "test": 55770}  # TFDS tiny_shakespeare, in characters
 
 
 @pytest.fixture(scope="module")
-def splits(tfds_dir, shakespeare_dir) -> dict[str, str]:
-    builder = pipeline.prepare(DataConfig(data_dir=str(tfds_dir), manual_dir=str(shakespeare_dir)))
+def texts(tfds_dir, shakespeare_dir) -> dict[str, str]:
+    builder = splits.prepare(DataConfig(data_dir=str(tfds_dir), manual_dir=str(shakespeare_dir)))
     assert builder.name == "tiny_shakespeare" and builder.is_prepared()
     assert builder.info.file_format.value == "array_record"
-    return {split: pipeline.split_text(builder, split) for split in SPLIT_SIZES}
+    return {split: splits.split_text(builder, split) for split in SPLIT_SIZES}
 
 
 @pytest.fixture(scope="module")
-def train_tokens(splits) -> np.ndarray:
-    return tokenizer.build("char", "".join(splits.values())).encode(splits["train"])
+def train_tokens(texts) -> np.ndarray:
+    return tokenizer.build("char", "".join(texts.values())).encode(texts["train"])
 
 
-def test_tiny_shakespeare_splits_match_tfds(splits, shakespeare_dir):
-    assert {split: len(text) for split, text in splits.items()} == SPLIT_SIZES
+def test_tiny_shakespeare_splits_match_tfds(texts, shakespeare_dir):
+    assert {split: len(text) for split, text in texts.items()} == SPLIT_SIZES
     source = (shakespeare_dir / "input.txt").read_text(encoding="utf-8")
-    assert splits["train"] + splits["validation"] + splits["test"] == source
+    assert texts["train"] + texts["validation"] + texts["test"] == source
 
 
 def take(dataset, n: int) -> list[dict[str, np.ndarray]]:
@@ -98,8 +97,8 @@ def test_eval_batches_are_fixed(train_tokens):
     assert len(a) == 3
 
 
-def test_char_tokenizer_round_trips_the_corpus(splits, tmp_path):
-    corpus = "".join(splits.values())
+def test_char_tokenizer_round_trips_the_corpus(texts, tmp_path):
+    corpus = "".join(texts.values())
     tok = tokenizer.build("char", corpus)
     assert tok.vocab_size == 65  # tiny-shakespeare's character set
     ids = tok.encode(corpus)

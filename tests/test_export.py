@@ -230,10 +230,10 @@ def hf_greedy(directory, prompt: str, max_new_tokens: int) -> str:
 
 def heldout_dir(tmp_path, tfds_dir):
     """Fine-tuning text: tiny shakespeare's test split (never pretrained on), cut 80/20."""
-    from podtrain.data import pipeline
+    from podtrain.data import splits
     from podtrain.data.config import DataConfig
 
-    text = pipeline.split_text(pipeline.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
+    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp_path / "heldout"
     held.mkdir()
     (held / "train.txt").write_text(text[: int(len(text) * 0.8)])

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from podtrain.data import packing, pipeline
+from podtrain.data import packing, splits
 from podtrain.data.config import DataConfig
 from podtrain.data.tokenizer import CharTokenizer
 from podtrain.launch import cli
@@ -30,7 +30,7 @@ def base_run(tmp_path_factory, tfds_dir, shakespeare_dir):
     data = [f"data.data_dir={tfds_dir}", f"data.manual_dir={shakespeare_dir}"]
     cfg = configs.load(None, TINY + data + ["train.steps=30", "train.eval_every=30", f"run.dir={tmp / 'run'}"])
     result = loop.pretrain(cfg)
-    text = pipeline.split_text(pipeline.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
+    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp / "heldout"
     held.mkdir()
     cut = int(len(text) * 0.8)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from podtrain.data import pipeline
+from podtrain.data import splits
 from podtrain.data import tokenizer
 from podtrain.data.config import DataConfig
 from podtrain.parallel import mesh as meshes, rules
@@ -38,7 +38,7 @@ def moe_base(tmp_path_factory, tfds_dir, shakespeare_dir):
     cfg = configs.load(None, TINY + MOE + data + [
         "train.steps=9", "train.eval_every=9", "train.lr=1e-2", f"run.dir={tmp / 'run'}"])
     state = loop.pretrain(cfg)["state"]
-    text = pipeline.split_text(pipeline.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
+    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp / "heldout"
     held.mkdir()
     cut = int(len(text) * 0.8)

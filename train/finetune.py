@@ -14,12 +14,10 @@ pairs, loss on completions only, packed: data/packing.py), or tiny_shakespeare.
 
 from pathlib import Path
 
-import numpy as np
 from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
 
-from podtrain.data import packing, pipeline
-from podtrain.data import tokenizer
+from podtrain.data import packing, pipeline, splits, tokenizer
 from podtrain.parallel.config import MeshConfig
 from podtrain.parallel import distributed, mesh as meshes, rules
 from podtrain.train import adapters, checkpoint, config as configs, loop, optim
@@ -94,32 +92,20 @@ def check_architecture(cfg: Config, run_dir: Path, step: int) -> None:
         )
 
 
-def _encode(tok, text: str, where: str) -> np.ndarray:
-    try:
-        return tok.encode(text)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}; the base run's tokenizer cannot encode them (clean the data)") from None
-
-
 def load_data(cfg: Config, tok, pid: int, nproc: int):
-    """(per-process train iterator, validation batches as host arrays)."""
-    builder = pipeline.prepare(cfg.data)
+    """(per-process train iterator, validation batches as host arrays): jsonl examples packed into
+    rows, text in windows as in pretraining."""
     t, bs, seed = cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed
-    if cfg.data.dataset == "jsonl":
-        rows = {}
-        for split in ("train", "validation"):
-            source = builder.as_data_source(split=split)
-            examples = [{k: source[i][k].decode("utf-8") for k in ("prompt", "completion")} for i in range(len(source))]
-            for i, ex in enumerate(examples):
-                _encode(tok, ex["prompt"] + ex["completion"], f"data {split} example {i}")
-            rows[split] = packing.pack(packing.encode(tok, examples), t)
-        train = pipeline.train_dataset(packing.Rows(rows["train"]), bs, seed, pid, nproc)
-        val = pipeline.eval_batches(packing.Rows(rows["validation"]), bs, cfg.data.eval_batches, seed, pid, nproc)
-        return iter(train), val
-    tokens = {split: _encode(tok, pipeline.split_text(builder, split), f"data {split} split")
-              for split in ("train", "validation")}
-    train = pipeline.train_dataset(pipeline.Windows(tokens["train"], t), bs, seed, pid, nproc)
-    val = pipeline.eval_batches(pipeline.Windows(tokens["validation"], t), bs, cfg.data.eval_batches, seed, pid, nproc)
+    packed = cfg.data.dataset == "jsonl"
+    content = (splits.examples if packed else splits.texts)(cfg.data, ("train", "validation"))
+    try:
+        ids = {split: splits.encode(tok, split, c) for split, c in content.items()}
+    except ValueError as e:
+        raise ConfigError(f"{e}; the base run's tokenizer cannot encode them (clean the data)") from None
+    sources = {split: packing.Rows(packing.pack(v, t)) if packed else pipeline.Windows(v, t)
+               for split, v in ids.items()}
+    train = pipeline.train_dataset(sources["train"], bs, seed, pid, nproc)
+    val = pipeline.eval_batches(sources["validation"], bs, cfg.data.eval_batches, seed, pid, nproc)
     return iter(train), val
 
 

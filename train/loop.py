@@ -8,8 +8,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from podtrain.data import pipeline
-from podtrain.data import tokenizer
+from podtrain.data import pipeline, splits, tokenizer
 from podtrain.parallel import devices, distributed, rules
 from podtrain.train import checkpoint, config as configs, metrics as metrics_io, moe_stats, optim, state as states, step as steps
 from podtrain.train import validate
@@ -22,10 +21,9 @@ SPLITS = ("train", "validation", "test")
 
 def load_data(cfg: Config):
     """(tokenizer, {split: token ids}); raises DatasetUnavailable before anything is written."""
-    builder = pipeline.prepare(cfg.data)
-    texts = {split: pipeline.split_text(builder, split) for split in SPLITS}
+    texts = splits.texts(cfg.data, SPLITS)
     tok = tokenizer.build(cfg.data.tokenizer, "".join(texts.values()))
-    return tok, {split: tok.encode(text) for split, text in texts.items()}
+    return tok, {split: splits.encode(tok, split, text) for split, text in texts.items()}
 
 
 def resolve(cfg: Config, vocab_size: int) -> Config:
