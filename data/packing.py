@@ -6,12 +6,10 @@ whole, in order, into rows of seq_len positions (a new row when the next one doe
 examples are cut to seq_len). Each carries its segment id (1, 2, ... within a row; 0 is padding,
 weight 0) and positions restarting at 0, so attention never crosses examples (model/transformer.py).
 
-Rows are served like pretraining windows (data/pipeline.py): a seeded shuffle, global batch b is
-rows [b*B, (b+1)*B) of that order, process p reads its slice, so batches do not depend on the
-process count, and the Grain iterator state is {'next_index': global batches read}.
+The rows, as a random-access source (Rows), are batched like pretraining's windows
+(data/pipeline.py), so batches and the Grain iterator state do not depend on the process count.
 """
 
-import grain
 import numpy as np
 
 KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -50,6 +48,8 @@ def pack(examples: list[tuple[np.ndarray, int]], seq_len: int) -> dict[str, np.n
 
 
 class Rows:
+    """Random-access source: row i of `pack`'s rows, {KEYS: (seq_len,)}."""
+
     def __init__(self, rows: dict[str, np.ndarray]):
         self.rows = rows
 
@@ -58,20 +58,3 @@ class Rows:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[i] for k, v in self.rows.items()}
-
-
-def train_dataset(rows, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
-    """Endless per-process batches of packed rows: {KEYS: (global_batch / process_count, seq_len)}."""
-    local = global_batch // process_count
-    shuffled = grain.MapDataset.source(Rows(rows)).shuffle(seed=seed)
-
-    def global_index(j: int) -> int:
-        return (j // local) * global_batch + process_index * local + j % local
-
-    batches = grain.MapDataset.range(2**62).map(lambda j: shuffled[global_index(j)]).batch(local, drop_remainder=True)
-    return batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
-
-
-def eval_batches(rows, global_batch: int, num_batches: int, seed: int, process_index: int = 0, process_count: int = 1):
-    it = iter(train_dataset(rows, global_batch, seed, process_index, process_count))
-    return [next(it) for _ in range(num_batches)]

@@ -1,61 +1,19 @@
-"""Tokenized splits and deterministic, resumable Grain pipelines of (seq_len + 1)-token windows.
+"""Deterministic, resumable Grain pipelines: per-process slices of seeded global batches.
 
-Global order: every window start of the split, shuffled with the seed (reshuffled each epoch by
-Grain). Global batch b is windows [b*B, (b+1)*B) of that order; process p of P reads rows
-[p*B/P, (p+1)*B/P) of it, so the global batch is the same for any process count.
+Any random-access source of rows (dicts of arrays) is served the same way: its rows in an order
+shuffled with the seed (reshuffled each epoch by Grain); global batch b is rows [b*B, (b+1)*B) of
+that order, and process p of P reads rows [p*B/P, (p+1)*B/P) of it. So the global batch is the same
+for any process count, and so is the Grain iterator state, {'next_index': global batches read},
+which lets a run resume on another process count (train/checkpoint.py). Pretraining's rows are
+(seq_len + 1)-token windows (Windows), fine-tuning's may be packed examples (data/packing.py).
 """
 
-from pathlib import Path
-
-import filelock
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
-
-from podtrain.data import text_files, tiny_shakespeare
-from podtrain.data.config import DataConfig
-from podtrain.data.tokenizer import Tokenizer
-
-BUILDERS = {"tiny_shakespeare": tiny_shakespeare.TinyShakespeare}
-
-
-def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-    """Build the dataset as ArrayRecord once (offline from data.manual_dir if given)."""
-    data_dir = Path(cfg.data_dir).expanduser()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    # Several processes on one machine (launch local) share data_dir: one builds, the rest wait.
-    with filelock.FileLock(data_dir / f".{cfg.dataset}.lock"):
-        return _prepare_locked(cfg, data_dir)
-
-
-def _prepare_locked(cfg: DataConfig, data_dir: Path) -> tfds.core.DatasetBuilder:
-    if cfg.dataset in text_files.BUILDERS:  # local folders: the builder config depends on the files
-        folder = Path(cfg.manual_dir).expanduser().resolve()
-        builder = text_files.BUILDERS[cfg.dataset](folder=folder, data_dir=str(data_dir), file_format="array_record")
-        if not (builder.data_path.exists() and builder.is_prepared()):
-            tfds.disable_progress_bar()
-            builder.download_and_prepare()
-        return builder
-    builder = BUILDERS[cfg.dataset](data_dir=str(data_dir), file_format="array_record")
-    if not (builder.data_path.exists() and builder.is_prepared()):  # is_prepared warns on a fresh dir
-        tfds.disable_progress_bar()
-        manual_dir = str(Path(cfg.manual_dir).expanduser().resolve()) if cfg.manual_dir else None
-        source_dir = builder.fetch_source(manual_dir, data_dir / "downloads" / builder.name)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)),
-        )
-    return builder
-
-
-def split_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
-    if split not in builder.info.splits:  # local text folders may have no test.txt
-        return ""
-    source = builder.as_data_source(split=split)
-    return "".join(source[i]["text"].decode("utf-8") for i in range(len(source)))
 
 
 class Windows:
-    """Random-access source: window i is tokens[i : i + seq_len + 1]."""
+    """Random-access source: row i is the window tokens[i : i + seq_len + 1] as inputs and targets."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int):
         if len(tokens) <= seq_len:
@@ -65,33 +23,31 @@ class Windows:
     def __len__(self) -> int:
         return len(self.tokens) - self.seq_len
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.tokens[i : i + self.seq_len + 1]
-
-
-def _to_example(window_BT1: np.ndarray) -> dict[str, np.ndarray]:
-    return {"inputs": window_BT1[:, :-1], "targets": window_BT1[:, 1:]}
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        window = self.tokens[i : i + self.seq_len + 1]
+        return {"inputs": window[:-1], "targets": window[1:]}
 
 
 def train_dataset(
-    tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
+    source: grain.sources.RandomAccessDataSource, global_batch: int, seed: int,
+    process_index: int = 0, process_count: int = 1,
 ) -> grain.IterDataset:
-    """Endless per-process batches {'inputs', 'targets'}: (global_batch / process_count, seq_len)."""
+    """Endless per-process batches of `source`'s rows: each key (global_batch / process_count, ...)."""
     local = global_batch // process_count
-    shuffled = grain.MapDataset.source(Windows(tokens, seq_len)).shuffle(seed=seed)
+    shuffled = grain.MapDataset.source(source).shuffle(seed=seed)
 
     def global_index(j: int) -> int:
         return (j // local) * global_batch + process_index * local + j % local
 
     rows = grain.MapDataset.range(2**62).map(lambda j: shuffled[global_index(j)])
-    batches = rows.batch(local, drop_remainder=True).map(_to_example)
+    batches = rows.batch(local, drop_remainder=True)
     return batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
 
 
 def eval_batches(
-    tokens: np.ndarray, seq_len: int, global_batch: int, num_batches: int, seed: int,
+    source: grain.sources.RandomAccessDataSource, global_batch: int, num_batches: int, seed: int,
     process_index: int = 0, process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """The fixed validation set: the first num_batches global batches of a seeded order."""
-    it = iter(train_dataset(tokens, seq_len, global_batch, seed, process_index, process_count))
+    it = iter(train_dataset(source, global_batch, seed, process_index, process_count))
     return [next(it) for _ in range(num_batches)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from podtrain.data.tiny_shakespeare import DatasetUnavailable
+from podtrain.data import DatasetUnavailable
 
 SPLITS = ("train", "validation", "test")
 REQUIRED = ("train", "validation")

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from podtrain.data import DatasetUnavailable
+
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FILENAME = "input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-class DatasetUnavailable(FileNotFoundError):
-    """The dataset's source cannot be found or fetched: a user error, not a bug."""
 
 
 class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.model import init_cache, moe
 from podtrain.inference import weights
 from podtrain.train import config as configs
@@ -80,7 +80,7 @@ def load_run(run_dir: str | Path, step: int | None = None):
     merged) and its buffers (the MoE router bias), if it has any."""
     run = weights.load(run_dir, step, flag="--run")
     if run.tok is None:
-        raise configs.ConfigError(f"--run {run_dir}: no {tokenizers.FILENAME}; sampling needs the run's tokenizer")
+        raise configs.ConfigError(f"--run {run_dir}: no {tokenizer.FILENAME}; sampling needs the run's tokenizer")
     return run.cfg, run.tok, run.graphdef, run.variables
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.train import checkpoint, config as configs, finetune, state as states
 from podtrain.train.config import Config, ConfigError
 
@@ -20,7 +20,7 @@ from podtrain.train.config import Config, ConfigError
 @dataclasses.dataclass(frozen=True)
 class RunWeights:
     cfg: Config
-    tok: tokenizers.Tokenizer | None  # None: the run has no tokenizer.json (an imported model without one)
+    tok: tokenizer.Tokenizer | None  # None: the run has no tokenizer.json (an imported model without one)
     graphdef: nnx.GraphDef
     params: dict  # the model's parameter tree, arrays on the first local device
     buffers: dict  # the model's other variables (the MoE router bias); {} for dense models
@@ -62,7 +62,7 @@ def load(run_dir: str | Path, step: int | None = None, flag: str = "run") -> Run
     except FileNotFoundError as e:
         raise ConfigError(f"{flag} {run_dir}: {e}") from None
     params = restored["params"] if full else jax.device_put(_check_tree(merged, abstract_params), device)
-    tok = tokenizers.load(run_dir) if (run_dir / tokenizers.FILENAME).exists() else None
+    tok = tokenizer.load(run_dir) if (run_dir / tokenizer.FILENAME).exists() else None
     return RunWeights(cfg, tok, graphdef, params, restored.get("buffers", {}), step)
 
 

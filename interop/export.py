@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.inference import weights
 from podtrain.interop import hf
 from podtrain.train import checkpoint, config as configs, integrity
@@ -197,7 +197,7 @@ def _write_safetensors(cfg: Config, tok, params, tmp: Path, max_bytes: int) -> N
     writer.close()
     (tmp / "config.yaml").write_text(configs.dump(cfg))
     if tok is not None:
-        tokenizers.save(tok, tmp)
+        tokenizer.save(tok, tmp)
 
 
 def export(run_dir: str | Path, out: str | Path, fmt: str = "hf", step: int | None = None,
@@ -275,7 +275,7 @@ def write_run(cfg: Config, tok, params: dict, buffers: dict, run_dir: Path, step
         state["buffers"] = buffers
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(configs.to_dict(cfg))}
     if tok is not None:
-        tokenizers.save(tok, run_dir)
+        tokenizer.save(tok, run_dir)
         items["tokenizer"] = ocp.args.JsonSave(tok.to_json())
     root = run_dir.resolve() / checkpoint.DIRNAME
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)

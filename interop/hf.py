@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.train.config import Config, ConfigError
 
 LLAMA = "LlamaForCausalLM"
@@ -384,11 +384,11 @@ def _byte_chars() -> dict[int, str]:
     return bytes_to_unicode()
 
 
-def hf_tokenizer(tok: tokenizers.Tokenizer):
+def hf_tokenizer(tok: tokenizer.Tokenizer):
     """A `tokenizers.Tokenizer` giving the same ids as ours."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    if isinstance(tok, tokenizers.CharTokenizer):
+    if isinstance(tok, tokenizer.CharTokenizer):
         hf = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tok.chars)}, merges=[]))
         hf.decoder = decoders.Fuse()
         return hf
@@ -403,7 +403,7 @@ def tokenizer_config(cfg: Config) -> dict:
     return {**TOKENIZER_CONFIG, "model_max_length": cfg.data.seq_len}
 
 
-def from_hf_tokenizer(spec: dict) -> tokenizers.Tokenizer | None:
+def from_hf_tokenizer(spec: dict) -> tokenizer.Tokenizer | None:
     """Our tokenizer for a tokenizer.json that is one of the two shapes above; None otherwise."""
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("merges") or spec.get("normalizer") or spec.get("added_tokens"):
@@ -414,10 +414,10 @@ def from_hf_tokenizer(spec: dict) -> tokenizers.Tokenizer | None:
         return None
     pre, dec = spec.get("pre_tokenizer"), (spec.get("decoder") or {}).get("type")
     if pre is None and dec == "Fuse" and all(len(c) == 1 for c, _ in by_id):
-        return tokenizers.CharTokenizer("".join(c for c, _ in by_id))
+        return tokenizer.CharTokenizer("".join(c for c, _ in by_id))
     chars = _byte_chars()
     if (pre or {}).get("type") == "ByteLevel" and dec == "ByteLevel" and vocab == {chars[b]: b for b in range(256)}:
-        return tokenizers.ByteTokenizer()
+        return tokenizer.ByteTokenizer()
     return None
 
 

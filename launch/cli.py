@@ -9,7 +9,7 @@ same command to resume); anything else is a bug and keeps its traceback.
 import argparse
 import sys
 
-from podtrain.data.tiny_shakespeare import DatasetUnavailable
+from podtrain.data import DatasetUnavailable
 from podtrain.train.config import ConfigError
 
 USER_ERRORS = (ConfigError, DatasetUnavailable)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import tokenizer
 from podtrain.train import config as configs
 from podtrain.train import loop
 from podtrain.train.config import ConfigError
@@ -64,7 +64,7 @@ def test_round_trip_with_non_default_values(tmp_path):
 
 def test_run_dir_config_yaml_reloads_equal(tmp_path):
     cfg = configs.load(None, [f"run.dir={tmp_path / 'run'}", "model.vocab_size=5", "train.lr=2e-3"])
-    run = loop.prepare_run_dir(cfg, tokenizers.CharTokenizer("abcde"))
+    run = loop.prepare_run_dir(cfg, tokenizer.CharTokenizer("abcde"))
     assert configs.load(run / "config.yaml") == cfg
 
 
@@ -123,7 +123,7 @@ def test_unparseable_config_file(tmp_path, text):
 
 
 def test_run_dir_of_another_config_is_refused_and_left_alone(tmp_path):
-    tok = tokenizers.CharTokenizer("abcde")
+    tok = tokenizer.CharTokenizer("abcde")
     run = loop.prepare_run_dir(configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=5"]), tok)
     before = {p: p.read_bytes() for p in run.iterdir()}
     other = configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=5", "model.d_model=64"])
@@ -135,5 +135,5 @@ def test_run_dir_of_another_config_is_refused_and_left_alone(tmp_path):
 def test_non_run_dir_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a podtrain run"):
-        loop.prepare_run_dir(configs.load(None, [f"run.dir={tmp_path}", "model.vocab_size=5"]), tokenizers.ByteTokenizer())
+        loop.prepare_run_dir(configs.load(None, [f"run.dir={tmp_path}", "model.vocab_size=5"]), tokenizer.ByteTokenizer())
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -6,30 +6,29 @@ import itertools
 import numpy as np
 import pytest
 
-from podtrain.data import pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import pipeline, splits, tokenizer
 from podtrain.data.config import DataConfig
 
 SPLIT_SIZES = {"train": 1003854, "validation": 55770, "test": 55770}  # TFDS tiny_shakespeare, in characters
 
 
 @pytest.fixture(scope="module")
-def splits(tfds_dir, shakespeare_dir) -> dict[str, str]:
-    builder = pipeline.prepare(DataConfig(data_dir=str(tfds_dir), manual_dir=str(shakespeare_dir)))
+def texts(tfds_dir, shakespeare_dir) -> dict[str, str]:
+    builder = splits.prepare(DataConfig(data_dir=str(tfds_dir), manual_dir=str(shakespeare_dir)))
     assert builder.name == "tiny_shakespeare" and builder.is_prepared()
     assert builder.info.file_format.value == "array_record"
-    return {split: pipeline.split_text(builder, split) for split in SPLIT_SIZES}
+    return {split: splits.split_text(builder, split) for split in SPLIT_SIZES}
 
 
 @pytest.fixture(scope="module")
-def train_tokens(splits) -> np.ndarray:
-    return tokenizers.build("char", "".join(splits.values())).encode(splits["train"])
+def train_tokens(texts) -> np.ndarray:
+    return tokenizer.build("char", "".join(texts.values())).encode(texts["train"])
 
 
-def test_tiny_shakespeare_splits_match_tfds(splits, shakespeare_dir):
-    assert {split: len(text) for split, text in splits.items()} == SPLIT_SIZES
+def test_tiny_shakespeare_splits_match_tfds(texts, shakespeare_dir):
+    assert {split: len(text) for split, text in texts.items()} == SPLIT_SIZES
     source = (shakespeare_dir / "input.txt").read_text(encoding="utf-8")
-    assert splits["train"] + splits["validation"] + splits["test"] == source
+    assert texts["train"] + texts["validation"] + texts["test"] == source
 
 
 def take(dataset, n: int) -> list[dict[str, np.ndarray]]:
@@ -45,9 +44,9 @@ def assert_same_batches(a, b) -> None:
 
 
 def test_same_seed_same_batches_different_seed_different(train_tokens):
-    first = take(pipeline.train_dataset(train_tokens, 32, 8, seed=3), 4)
-    assert_same_batches(take(pipeline.train_dataset(train_tokens, 32, 8, seed=3), 4), first)
-    other = take(pipeline.train_dataset(train_tokens, 32, 8, seed=4), 4)
+    first = take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=3), 4)
+    assert_same_batches(take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=3), 4), first)
+    other = take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=4), 4)
     assert not np.array_equal(other[0]["inputs"], first[0]["inputs"])
 
 
@@ -56,7 +55,7 @@ def test_batches_are_shuffled_windows_of_the_corpus():
     n, seq_len, batch = 203, 10, 8
     tokens = np.arange(n, dtype=np.int32)
     windows = n - seq_len
-    batches = take(pipeline.train_dataset(tokens, seq_len, batch, seed=0), windows // batch)
+    batches = take(pipeline.train_dataset(pipeline.Windows(tokens, seq_len), batch, seed=0), windows // batch)
     starts = []
     for b in batches:
         assert b["inputs"].shape == b["targets"].shape == (batch, seq_len)
@@ -71,8 +70,9 @@ def test_batches_are_shuffled_windows_of_the_corpus():
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_process_slices_concatenate_to_the_global_batch(train_tokens, processes):
-    global_batches = take(pipeline.train_dataset(train_tokens, 16, 8, seed=5), 3)
-    per_process = [take(pipeline.train_dataset(train_tokens, 16, 8, 5, p, processes), 3) for p in range(processes)]
+    windows = pipeline.Windows(train_tokens, 16)
+    global_batches = take(pipeline.train_dataset(windows, 8, seed=5), 3)
+    per_process = [take(pipeline.train_dataset(windows, 8, 5, p, processes), 3) for p in range(processes)]
     for step, expected in enumerate(global_batches):
         for key in expected:
             got = np.concatenate([batches[step][key] for batches in per_process])
@@ -80,11 +80,11 @@ def test_process_slices_concatenate_to_the_global_batch(train_tokens, processes)
 
 
 def test_iterator_state_resumes_exactly(train_tokens):
-    it = iter(pipeline.train_dataset(train_tokens, 16, 4, seed=7))
+    it = iter(pipeline.train_dataset(pipeline.Windows(train_tokens, 16), 4, seed=7))
     take(it, 5)
     state = it.get_state()
     expected = take(it, 4)
-    fresh = iter(pipeline.train_dataset(train_tokens, 16, 4, seed=7))
+    fresh = iter(pipeline.train_dataset(pipeline.Windows(train_tokens, 16), 4, seed=7))
     fresh.set_state(state)
     assert_same_batches(take(fresh, 4), expected)
     fresh.set_state(state)  # and again, after having moved on
@@ -92,40 +92,40 @@ def test_iterator_state_resumes_exactly(train_tokens):
 
 
 def test_eval_batches_are_fixed(train_tokens):
-    a = pipeline.eval_batches(train_tokens, 16, 4, num_batches=3, seed=0)
-    assert_same_batches(pipeline.eval_batches(train_tokens, 16, 4, num_batches=3, seed=0), a)
+    a = pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0)
+    assert_same_batches(pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0), a)
     assert len(a) == 3
 
 
-def test_char_tokenizer_round_trips_the_corpus(splits, tmp_path):
-    corpus = "".join(splits.values())
-    tok = tokenizers.build("char", corpus)
+def test_char_tokenizer_round_trips_the_corpus(texts, tmp_path):
+    corpus = "".join(texts.values())
+    tok = tokenizer.build("char", corpus)
     assert tok.vocab_size == 65  # tiny-shakespeare's character set
     ids = tok.encode(corpus)
     assert ids.min() == 0 and ids.max() == tok.vocab_size - 1
     assert tok.decode(ids) == corpus
-    tokenizers.save(tok, tmp_path)
-    loaded = tokenizers.load(tmp_path)
+    tokenizer.save(tok, tmp_path)
+    loaded = tokenizer.load(tmp_path)
     assert loaded == tok
     np.testing.assert_array_equal(loaded.encode(corpus[:5000]), ids[:5000])
 
 
 def test_char_tokenizer_non_ascii_and_unknown_characters(tmp_path):
     text = "naïve café — Ωμέγα 世界 🙂\n\t\"quoted\"\\"
-    tok = tokenizers.build("char", text)
+    tok = tokenizer.build("char", text)
     assert tok.decode(tok.encode(text)) == text
-    tokenizers.save(tok, tmp_path)
-    assert tokenizers.load(tmp_path).decode(tok.encode(text)) == text
+    tokenizer.save(tok, tmp_path)
+    assert tokenizer.load(tmp_path).decode(tok.encode(text)) == text
     with pytest.raises(ValueError, match="not in the tokenizer"):
         tok.encode("xyz")
 
 
 def test_byte_tokenizer_round_trips_non_ascii(tmp_path):
     text = "To be, or not — naïve Ωμέγα 世界 🙂\x00\n"
-    tok = tokenizers.build("byte", "ignored")
+    tok = tokenizer.build("byte", "ignored")
     ids = tok.encode(text)
     assert tok.vocab_size == 256 and len(ids) == len(text.encode("utf-8")) and ids.max() < 256
     assert tok.decode(ids) == text
-    tokenizers.save(tok, tmp_path)
-    loaded = tokenizers.load(tmp_path)
+    tokenizer.save(tok, tmp_path)
+    loaded = tokenizer.load(tmp_path)
     assert loaded == tok and loaded.decode(loaded.encode(text)) == text

@@ -17,7 +17,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from podtrain.data import tokenizer as tokenizers  # noqa: E402
+from podtrain.data import tokenizer  # noqa: E402
 from podtrain.launch import cli  # noqa: E402
 from podtrain.inference import weights  # noqa: E402
 from podtrain.interop import export  # noqa: E402
@@ -37,7 +37,7 @@ def assert_logits_match(theirs, ours, what: str) -> None:
 
 def random_run(run_dir, tok=None, seed=0, moe=None, **model) -> tuple[configs.Config, dict, dict]:
     """A run dir with random weights (norm scales and router biases too, so a misplaced one shows)."""
-    tok = tok or tokenizers.CharTokenizer(CHARS)
+    tok = tok or tokenizer.CharTokenizer(CHARS)
     model = {"vocab_size": 67, "num_layers": 3, "d_model": 48, "num_heads": 6, "num_kv_heads": 3,
              "mlp_dim": 37, "rope_theta": 500.0, "norm_eps": 1e-6, "init_std": 0.2, **model}
     sections = {"model": model, "data": {"tokenizer": tok.kind, "seq_len": 32}, "run": {"dir": str(run_dir)}}
@@ -109,7 +109,7 @@ def test_sharded_export_loads_in_transformers(tmp_path):
     assert_logits_match(hf_logits(out, ids), podtrain_logits(cfg, params, buffers, ids), "export sharded")
 
 
-@pytest.mark.parametrize("tok", [tokenizers.CharTokenizer(CHARS), tokenizers.ByteTokenizer()], ids=["char", "byte"])
+@pytest.mark.parametrize("tok", [tokenizer.CharTokenizer(CHARS), tokenizer.ByteTokenizer()], ids=["char", "byte"])
 def test_exported_tokenizer_round_trips_our_ids(tmp_path, tok):
     random_run(tmp_path / "run", tok=tok, vocab_size=tok.vocab_size, num_layers=1)
     out = export.export(tmp_path / "run", tmp_path / "hf")
@@ -173,7 +173,7 @@ def test_import_export_round_trip_keeps_the_tokenizer(tmp_path):
     random_run(tmp_path / "run", vocab_size=65)
     export.export(tmp_path / "run", tmp_path / "hf")
     export.import_hf(tmp_path / "hf", tmp_path / "run2")
-    assert tokenizers.load(tmp_path / "run2") == tokenizers.CharTokenizer(CHARS)
+    assert tokenizer.load(tmp_path / "run2") == tokenizer.CharTokenizer(CHARS)
     export.export(tmp_path / "run2", tmp_path / "hf2")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
@@ -230,10 +230,10 @@ def hf_greedy(directory, prompt: str, max_new_tokens: int) -> str:
 
 def heldout_dir(tmp_path, tfds_dir):
     """Fine-tuning text: tiny shakespeare's test split (never pretrained on), cut 80/20."""
-    from podtrain.data import pipeline
+    from podtrain.data import splits
     from podtrain.data.config import DataConfig
 
-    text = pipeline.split_text(pipeline.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
+    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp_path / "heldout"
     held.mkdir()
     (held / "train.txt").write_text(text[: int(len(text) * 0.8)])
@@ -360,7 +360,7 @@ def test_moe_export_refuses_what_no_class_expresses(tmp_path, moe, feature):
 def test_group_limited_export_refuses_negative_router_bias(tmp_path):
     cfg, params, buffers = random_run(tmp_path / "run", moe=DEEPSEEK_MOE)
     buffers = jax.tree.map(lambda b: b - 1.0, buffers)
-    export.write_run(cfg, tokenizers.CharTokenizer(CHARS), params, buffers, tmp_path / "run2")
+    export.write_run(cfg, tokenizer.CharTokenizer(CHARS), params, buffers, tmp_path / "run2")
     with pytest.raises(ConfigError, match="negative router bias"):
         export.export(tmp_path / "run2", tmp_path / "hf")
 

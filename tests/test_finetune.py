@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from podtrain.data import packing, pipeline
+from podtrain.data import packing, splits
 from podtrain.data.config import DataConfig
 from podtrain.data.tokenizer import CharTokenizer
 from podtrain.launch import cli
@@ -30,7 +30,7 @@ def base_run(tmp_path_factory, tfds_dir, shakespeare_dir):
     data = [f"data.data_dir={tfds_dir}", f"data.manual_dir={shakespeare_dir}"]
     cfg = configs.load(None, TINY + data + ["train.steps=30", "train.eval_every=30", f"run.dir={tmp / 'run'}"])
     result = loop.pretrain(cfg)
-    text = pipeline.split_text(pipeline.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
+    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp / "heldout"
     held.mkdir()
     cut = int(len(text) * 0.8)
@@ -107,13 +107,13 @@ def test_merged_params_of_a_run_trained_on_slices(base_run, tmp_path, tfds_dir):
 
 
 def _check_plain_model_loss(cfg, result):
-    from podtrain.data import tokenizer as tokenizers
+    from podtrain.data import tokenizer
     from podtrain.parallel import mesh as meshes, rules
     from podtrain.train import optim, state as states, step as steps
 
     cfg = loop.resolve(cfg, 65)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
-    _, val = finetune.load_data(cfg, tokenizers.load(cfg.run.dir), 0, 1)
+    _, val = finetune.load_data(cfg, tokenizer.load(cfg.run.dir), 0, 1)
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     params = jax.device_put(result["params"], lay.params)
     loss = loop.evaluate(steps.make_eval_step(lay), params, batches)

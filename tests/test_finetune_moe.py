@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from podtrain.data import pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import splits
+from podtrain.data import tokenizer
 from podtrain.data.config import DataConfig
 from podtrain.parallel import mesh as meshes, rules
 from podtrain.train import adapters, config as configs, finetune, integrity, loop, metrics as metrics_io, optim
@@ -38,7 +38,7 @@ def moe_base(tmp_path_factory, tfds_dir, shakespeare_dir):
     cfg = configs.load(None, TINY + MOE + data + [
         "train.steps=9", "train.eval_every=9", "train.lr=1e-2", f"run.dir={tmp / 'run'}"])
     state = loop.pretrain(cfg)["state"]
-    text = pipeline.split_text(pipeline.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
+    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp / "heldout"
     held.mkdir()
     cut = int(len(text) * 0.8)
@@ -59,7 +59,7 @@ def _evaluator(cfg):
     """(params, buffers) -> the plain (pretraining) model's held-out loss, compiled once."""
     cfg = loop.resolve(cfg, 65)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh), cfg.moe)
-    _, val = finetune.load_data(cfg, tokenizers.load(cfg.run.dir), 0, 1)
+    _, val = finetune.load_data(cfg, tokenizer.load(cfg.run.dir), 0, 1)
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     eval_step = steps.make_eval_step(lay)
 

@@ -14,12 +14,10 @@ pairs, loss on completions only, packed: data/packing.py), or tiny_shakespeare.
 
 from pathlib import Path
 
-import numpy as np
 from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
 
-from podtrain.data import packing, pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import packing, pipeline, splits, tokenizer
 from podtrain.parallel.config import MeshConfig
 from podtrain.parallel import distributed, mesh as meshes, rules
 from podtrain.train import adapters, checkpoint, config as configs, loop, optim
@@ -42,7 +40,7 @@ def parse_init_from(value: str) -> tuple[Path, int | None]:
 ROUTING_KEYS = ("top_k", "router", "normalize_topk", "n_groups", "topk_groups", "routed_scaling")
 
 
-def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizers.Tokenizer]:
+def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizer.Tokenizer]:
     """(base run dir, step, its tokenizer), checking the tokenizer kind matches data.tokenizer and
     the MoE routing settings (which parameter shapes do not show) match the base run's."""
     run_dir, step = parse_init_from(cfg.finetune.init_from)
@@ -62,7 +60,7 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizers.Tokenizer]:
             f"data.tokenizer={cfg.data.tokenizer!r} does not match the base run's {spec['kind']!r} tokenizer: "
             f"set data.tokenizer={spec['kind']}"
         )
-    tok = tokenizers.CharTokenizer(spec["chars"]) if spec["kind"] == "char" else tokenizers.ByteTokenizer()
+    tok = tokenizer.CharTokenizer(spec["chars"]) if spec["kind"] == "char" else tokenizer.ByteTokenizer()
     return run_dir, step, tok
 
 
@@ -94,32 +92,20 @@ def check_architecture(cfg: Config, run_dir: Path, step: int) -> None:
         )
 
 
-def _encode(tok, text: str, where: str) -> np.ndarray:
-    try:
-        return tok.encode(text)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}; the base run's tokenizer cannot encode them (clean the data)") from None
-
-
 def load_data(cfg: Config, tok, pid: int, nproc: int):
-    """(per-process train iterator, validation batches as host arrays)."""
-    builder = pipeline.prepare(cfg.data)
+    """(per-process train iterator, validation batches as host arrays): jsonl examples packed into
+    rows, text in windows as in pretraining."""
     t, bs, seed = cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed
-    if cfg.data.dataset == "jsonl":
-        rows = {}
-        for split in ("train", "validation"):
-            source = builder.as_data_source(split=split)
-            examples = [{k: source[i][k].decode("utf-8") for k in ("prompt", "completion")} for i in range(len(source))]
-            for i, ex in enumerate(examples):
-                _encode(tok, ex["prompt"] + ex["completion"], f"data {split} example {i}")
-            rows[split] = packing.pack(packing.encode(tok, examples), t)
-        train = packing.train_dataset(rows["train"], bs, seed, pid, nproc)
-        val = packing.eval_batches(rows["validation"], bs, cfg.data.eval_batches, seed, pid, nproc)
-        return iter(train), val
-    tokens = {split: _encode(tok, pipeline.split_text(builder, split), f"data {split} split")
-              for split in ("train", "validation")}
-    train = pipeline.train_dataset(tokens["train"], t, bs, seed, pid, nproc)
-    val = pipeline.eval_batches(tokens["validation"], t, bs, cfg.data.eval_batches, seed, pid, nproc)
+    packed = cfg.data.dataset == "jsonl"
+    content = (splits.examples if packed else splits.texts)(cfg.data, ("train", "validation"))
+    try:
+        ids = {split: splits.encode(tok, split, c) for split, c in content.items()}
+    except ValueError as e:
+        raise ConfigError(f"{e}; the base run's tokenizer cannot encode them (clean the data)") from None
+    sources = {split: packing.Rows(packing.pack(v, t)) if packed else pipeline.Windows(v, t)
+               for split, v in ids.items()}
+    train = pipeline.train_dataset(sources["train"], bs, seed, pid, nproc)
+    val = pipeline.eval_batches(sources["validation"], bs, cfg.data.eval_batches, seed, pid, nproc)
     return iter(train), val
 
 

@@ -8,8 +8,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from podtrain.data import pipeline
-from podtrain.data import tokenizer as tokenizers
+from podtrain.data import pipeline, splits, tokenizer
 from podtrain.parallel import devices, distributed, rules
 from podtrain.train import checkpoint, config as configs, metrics as metrics_io, moe_stats, optim, state as states, step as steps
 from podtrain.train import validate
@@ -22,10 +21,9 @@ SPLITS = ("train", "validation", "test")
 
 def load_data(cfg: Config):
     """(tokenizer, {split: token ids}); raises DatasetUnavailable before anything is written."""
-    builder = pipeline.prepare(cfg.data)
-    texts = {split: pipeline.split_text(builder, split) for split in SPLITS}
-    tok = tokenizers.build(cfg.data.tokenizer, "".join(texts.values()))
-    return tok, {split: tok.encode(text) for split, text in texts.items()}
+    texts = splits.texts(cfg.data, SPLITS)
+    tok = tokenizer.build(cfg.data.tokenizer, "".join(texts.values()))
+    return tok, {split: splits.encode(tok, split, text) for split, text in texts.items()}
 
 
 def resolve(cfg: Config, vocab_size: int) -> Config:
@@ -62,7 +60,7 @@ def prepare_run_dir(cfg: Config, tok) -> Path:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(configs.dump(cfg))
-        tokenizers.save(tok, run_dir)
+        tokenizer.save(tok, run_dir)
     return run_dir
 
 
@@ -101,10 +99,12 @@ def pretrain(cfg: Config) -> dict:
     batch_sharding = rules.batch_sharding(mesh)
     t, bs = cfg.data.seq_len, cfg.train.batch_size
     part, parts = rules.process_batch_slice(batch_sharding, bs)  # this process reads only its rows
-    data_iter = iter(pipeline.train_dataset(tokens["train"], t, bs, cfg.train.seed, part, parts))
+    data_iter = iter(pipeline.train_dataset(pipeline.Windows(tokens["train"], t), bs, cfg.train.seed, part, parts))
     val = [
         global_batch(b, batch_sharding, bs)
-        for b in pipeline.eval_batches(tokens["validation"], t, bs, cfg.data.eval_batches, cfg.train.seed, part, parts)
+        for b in pipeline.eval_batches(
+            pipeline.Windows(tokens["validation"], t), bs, cfg.data.eval_batches, cfg.train.seed, part, parts
+        )
     ]
 
     ckpts = checkpoint.Checkpoints(run_dir, cfg.checkpoint)
