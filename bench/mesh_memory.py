@@ -44,7 +44,7 @@ def measure(fsdp: int, overrides: list[str]) -> dict:
     shape = (cfg.train.batch_size, cfg.data.seq_len)
     sharding = rules.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding) for k in ("inputs", "targets")}
-    compiled = steps.make_train_step(lay, tx, cfg.train).lower(lay.abstract, batch).compile()
+    compiled = steps.make_train_step(lay, tx, cfg.train, cfg.model).lower(lay.abstract, batch).compile()
     analysis = compiled.memory_analysis()
     batch_bytes = shard_bytes(batch)
     return {

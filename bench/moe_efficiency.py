@@ -24,9 +24,9 @@ def build(overrides: list[str]):
     cfg = configs.load(None, overrides)
     mesh = meshes.build_mesh(cfg.mesh)
     tx = optim.optimizer(cfg.train)
-    lay = states.layout(cfg.model, tx, mesh, cfg.moe)
-    step = steps.make_train_step(lay, tx, cfg.train, moe=cfg.moe)
-    state = states.init_state(cfg.model, tx, lay, 0, cfg.moe)
+    lay = states.layout(cfg.model, tx, mesh)
+    step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
+    state = states.init_state(cfg.model, tx, lay, 0)
     return cfg, mesh, step, state
 
 
@@ -47,12 +47,13 @@ def main(argv=None) -> dict:
         "model.vocab_size=256", f"model.num_layers={args.layers}", f"model.d_model={d}", "model.num_heads=4",
         "model.num_kv_heads=4", f"data.seq_len={args.seq_len}", f"train.batch_size={args.batch}", "mesh.devices=1",
     ]
-    moe = ["moe.num_experts=8", "moe.top_k=2", f"moe.expert_mlp_dim={f}", "moe.load_balance_coef=0.01"]
-    moe += [f"moe.block_size={args.block_size}"] if args.block_size else []
+    moe = ["model.moe.num_experts=8", "model.moe.top_k=2", f"model.moe.expert_mlp_dim={f}",
+           "model.moe.load_balance_coef=0.01"]
+    moe += [f"model.moe.block_size={args.block_size}"] if args.block_size else []
     variants = {
         "dense": common + [f"model.mlp_dim={2 * f}"],
-        "dropless": common + moe + ["moe.dispatch=dropless"],
-        "capacity": common + moe + ["moe.dispatch=capacity", "moe.capacity_factor_train=1.25"],
+        "dropless": common + moe + ["model.moe.dispatch=dropless"],
+        "capacity": common + moe + ["model.moe.dispatch=capacity", "model.moe.capacity_factor_train=1.25"],
     }
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len + 1), 0, 256)
     batch_np = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
           f"seq {args.seq_len}, batch {args.batch}; best of {args.rounds} interleaved rounds x {args.steps} steps")
     result = {}
     for name, (cfg, _, _, _, secs) in runs.items():
-        flops = cfg.model.flops_per_token(args.seq_len, cfg.moe) * args.batch * args.seq_len
+        flops = cfg.model.flops_per_token(args.seq_len) * args.batch * args.seq_len
         print(f"{name:>9}: {secs * 1e3:8.1f} ms/step  MFU {flops / secs / peak:6.1%} (active parameters)")
         result[name] = secs
     dense = result["dense"]

@@ -108,7 +108,7 @@ def time_train_step(cfg: configs.Config, reps: int, n_steps: int) -> tuple[list[
     mesh = meshes.build_mesh(cfg.mesh)
     tx = optim.optimizer(cfg.train)
     lay = states.layout(cfg.model, tx, mesh)
-    train_step = steps.make_train_step(lay, tx, cfg.train)
+    train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
     state = states.init_state(cfg.model, tx, lay, cfg.train.seed)
     rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.data.seq_len

@@ -2,8 +2,6 @@
 
 import dataclasses
 
-from podtrain.model.config import check, check_choice
-
 DATASETS = ("tiny_shakespeare", "text_files", "jsonl")  # the last two: a local folder, data.manual_dir
 TOKENIZERS = ("char", "byte")
 
@@ -18,7 +16,11 @@ class DataConfig:
     eval_batches: int = 100  # fixed validation windows per eval = eval_batches * train.batch_size
 
     def __post_init__(self):
-        check_choice("data.dataset", self.dataset, DATASETS)
-        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
-        check(self.seq_len > 0, f"data.seq_len={self.seq_len} must be > 0")
-        check(self.eval_batches > 0, f"data.eval_batches={self.eval_batches} must be > 0")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset={self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+        if self.seq_len <= 0:
+            raise ValueError(f"data.seq_len={self.seq_len} must be > 0")
+        if self.eval_batches <= 0:
+            raise ValueError(f"data.eval_batches={self.eval_batches} must be > 0")

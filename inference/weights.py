@@ -34,7 +34,7 @@ class RunWeights:
 
 def abstract_trees(cfg: Config) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, parameters, buffers) of cfg's model; the trees as pure dicts of shapes."""
-    graphdef, params, buffers = states.abstract_model(cfg.model, cfg.moe)
+    graphdef, params, buffers = states.abstract_model(cfg.model)
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
 
 

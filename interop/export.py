@@ -293,8 +293,6 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] = ()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--out {run_dir} exists and is not empty: pass a new run directory")
     sections = hf.from_hf_config(hf.read_json(hf_dir / "config.json"))
-    if not sections["moe"]:
-        del sections["moe"]  # dense: the defaults
     tok = None
     if (hf_dir / "tokenizer.json").exists():
         tok = hf.from_hf_tokenizer(hf.read_json(hf_dir / "tokenizer.json"))

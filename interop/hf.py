@@ -86,16 +86,15 @@ def get_path(tree: dict, path: str):
 
 
 def _moe(cfg: Config):
-    """cfg's MoE section when it has enabled experts, else None (dense; also before MoE is merged)."""
-    moe = getattr(cfg, "moe", None)
-    return moe if moe is not None and moe.enabled else None
+    """cfg's MoE section when it has enabled experts, else None (dense)."""
+    return cfg.model.moe if cfg.model.moe.enabled else None
 
 
 def layer_slots(cfg: Config) -> list[tuple[int, str, int, str, bool]]:
     """(HF layer, our stack, index in that stack, path prefix inside it, is MoE) for each layer.
 
-    Dense models stack every layer in `blocks`; MoE models stack moe.first_dense_layers dense
-    layers in `blocks`, then units of one MoE block and moe.every - 1 dense blocks in `moe_units`.
+    Dense models stack every layer in `blocks`; MoE models stack model.moe.first_dense_layers dense
+    layers in `blocks`, then units of one MoE block and model.moe.every - 1 dense blocks in `moe_units`.
     """
     moe = _moe(cfg)
     if moe is None:
@@ -164,16 +163,16 @@ def tensor_plan(cfg: Config) -> list[Tensor]:
 def _softmax_topk_mismatch(moe) -> str | None:
     """The first feature of a softmax_topk MoE that MixtralForCausalLM cannot express."""
     if not moe.normalize_topk:
-        return "moe.normalize_topk=false (Mixtral renormalizes the top-k weights)"
+        return "model.moe.normalize_topk=false (Mixtral renormalizes the top-k weights)"
     if moe.routed_scaling != 1.0:
-        return f"moe.routed_scaling={moe.routed_scaling} (Mixtral has no routed scaling)"
+        return f"model.moe.routed_scaling={moe.routed_scaling} (Mixtral has no routed scaling)"
     if moe.n_groups > 1 and moe.topk_groups < moe.n_groups:
-        return f"group-limited routing moe.n_groups={moe.n_groups} moe.topk_groups={moe.topk_groups}"
+        return f"group-limited routing model.moe.n_groups={moe.n_groups} model.moe.topk_groups={moe.topk_groups}"
     if moe.num_shared_experts:
-        return f"moe.num_shared_experts={moe.num_shared_experts} (Mixtral has no shared experts)"
+        return f"model.moe.num_shared_experts={moe.num_shared_experts} (Mixtral has no shared experts)"
     if moe.first_dense_layers or moe.every != 1:
-        return (f"dense layers among the MoE layers (moe.first_dense_layers={moe.first_dense_layers}, "
-                f"moe.every={moe.every}; Mixtral's layers are all MoE)")
+        return (f"dense layers among the MoE layers (model.moe.first_dense_layers={moe.first_dense_layers}, "
+                f"model.moe.every={moe.every}; Mixtral's layers are all MoE)")
     return None
 
 
@@ -199,24 +198,24 @@ def architecture(cfg: Config) -> str:
         mismatch = _softmax_topk_mismatch(moe)
         if mismatch:
             raise ConfigError(
-                f"moe.router=softmax_topk with {mismatch}: {MIXTRAL} cannot express it, and Qwen3MoeForCausalLM "
+                f"model.moe.router=softmax_topk with {mismatch}: {MIXTRAL} cannot express it, and Qwen3MoeForCausalLM "
                 f"adds q/k RMSNorm that podtrain lacks; no transformers class computes this model"
             )
         return MIXTRAL
     if moe.every != 1:
         raise ConfigError(
-            f"moe.every={moe.every}: {GLM4_MOE} has dense layers only before the MoE layers "
-            f"(moe.first_dense_layers), not between them"
+            f"model.moe.every={moe.every}: {GLM4_MOE} has dense layers only before the MoE layers "
+            f"(model.moe.first_dense_layers), not between them"
         )
-    f = moe.expert_dim(m)
+    f = m.expert_dim
     if moe.num_shared_experts and (moe.shared_mlp_dim or f) != f:
         raise ConfigError(
-            f"moe.shared_mlp_dim={moe.shared_mlp_dim}: {GLM4_MOE}'s shared experts have the routed experts' "
-            f"width moe.expert_mlp_dim={f}; set them equal"
+            f"model.moe.shared_mlp_dim={moe.shared_mlp_dim}: {GLM4_MOE}'s shared experts have the routed experts' "
+            f"width model.moe.expert_mlp_dim={f}; set them equal"
         )
     if moe.n_groups > 1 and moe.topk_groups < moe.n_groups and moe.num_experts // moe.n_groups < 2:
         raise ConfigError(
-            f"moe.n_groups={moe.n_groups} leaves one expert per group: {GLM4_MOE} scores a group by its "
+            f"model.moe.n_groups={moe.n_groups} leaves one expert per group: {GLM4_MOE} scores a group by its "
             f"two best experts"
         )
     return GLM4_MOE
@@ -229,9 +228,9 @@ def check_router_bias(cfg: Config, min_bias: float) -> None:
     if moe is not None and moe.router == "sigmoid_bias" and moe.n_groups > 1 and moe.topk_groups < moe.n_groups:
         if min_bias < 0:
             raise ConfigError(
-                f"group-limited routing (moe.n_groups={moe.n_groups}, moe.topk_groups={moe.topk_groups}) with a "
-                f"negative router bias ({min_bias:.3g}): {GLM4_MOE} masks excluded groups with 0, not -inf, so it "
-                f"could route differently"
+                f"group-limited routing (model.moe.n_groups={moe.n_groups}, model.moe.topk_groups={moe.topk_groups}) "
+                f"with a negative router bias ({min_bias:.3g}): {GLM4_MOE} masks excluded groups with 0, not -inf, "
+                f"so it could route differently"
             )
 
 
@@ -272,14 +271,14 @@ def to_hf_config(cfg: Config) -> dict:
         out.update(intermediate_size=m.mlp_dim, mlp_bias=False, pretraining_tp=1)
     elif arch == MIXTRAL:
         out.update(
-            intermediate_size=moe.expert_dim(m), num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+            intermediate_size=m.expert_dim, num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
             router_jitter_noise=0.0, sliding_window=None, output_router_logits=False,
             router_aux_loss_coef=moe.load_balance_coef,
         )
     else:
         out["rope_parameters"]["partial_rotary_factor"] = 1.0
         out.update(
-            intermediate_size=m.mlp_dim, moe_intermediate_size=moe.expert_dim(m), n_routed_experts=moe.num_experts,
+            intermediate_size=m.mlp_dim, moe_intermediate_size=m.expert_dim, n_routed_experts=moe.num_experts,
             num_experts_per_tok=moe.top_k, n_shared_experts=moe.num_shared_experts,
             first_k_dense_replace=moe.first_dense_layers, n_group=moe.n_groups, topk_group=moe.topk_groups,
             norm_topk_prob=moe.normalize_topk, routed_scaling_factor=moe.routed_scaling, use_qk_norm=False,
@@ -313,7 +312,7 @@ def _rope(hf: dict) -> dict:
 
 
 def from_hf_config(hf: dict) -> dict:
-    """{'model', 'moe', 'data'} sections of a Config matching a transformers config.json."""
+    """{'model', 'data'} sections of a Config matching a transformers config.json (MoE: model.moe)."""
     archs = hf.get("architectures") or []
     arch = next((a for a, t in MODEL_TYPES.items() if t == hf.get("model_type")), None)
     if arch is None or archs not in ([], [arch]):
@@ -363,7 +362,8 @@ def from_hf_config(hf: dict) -> dict:
         }
     if moe:
         moe.update(dispatch="dropless", load_balance_coef=float(hf.get("router_aux_loss_coef") or 0.0))
-    return {"model": model, "moe": moe, "data": {"seq_len": int(hf.get("max_position_embeddings") or 2048)}}
+        model["moe"] = moe
+    return {"model": model, "data": {"seq_len": int(hf.get("max_position_embeddings") or 2048)}}
 
 
 # ---------------------------------------------------------------------------------------------

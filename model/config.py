@@ -8,76 +8,13 @@ SCAN_MODES = ("auto", "scan", "unroll")
 
 
 def check(ok: bool, message: str) -> None:
-    """Raise ValueError(message) unless ok: the one validation idiom of all config classes."""
+    """Raise ValueError(message) unless ok: the validation idiom of the model and train configs."""
     if not ok:
         raise ValueError(message)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Decoder-only transformer (pre-norm RMSNorm, RoPE, GQA, SwiGLU)."""
-
-    vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
-    num_layers: int = 4
-    d_model: int = 128
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    head_dim: int = 0  # 0: d_model // num_heads
-    mlp_dim: int = 352
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    scan_layers: str = "auto"  # auto: lax.scan on TPU/GPU, unrolled on CPU
-    remat: str = "none"
-    attention_blocks: int = 0  # causal query blocks (model/transformer.py: attend); 0 = auto
-
-    def __post_init__(self):
-        for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
-            check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
-        check(self.vocab_size >= 0, f"model.vocab_size={self.vocab_size} must be >= 0 (0: from the tokenizer)")
-        check(self.head_dim >= 0, f"model.head_dim={self.head_dim} must be >= 0 (0: d_model // num_heads)")
-        if self.head_dim == 0:
-            check(
-                self.d_model % self.num_heads == 0,
-                f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} "
-                f"(or set model.head_dim)",
-            )
-        check(
-            self.num_heads % self.num_kv_heads == 0,
-            f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}",
-        )
-        check(self.resolved_head_dim % 2 == 0, f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
-        check_choice("model.dtype", self.dtype, DTYPES)
-        check_choice("model.scan_layers", self.scan_layers, SCAN_MODES)
-        check_choice("model.remat", self.remat, REMAT_POLICIES)
-        check(self.attention_blocks >= 0, f"model.attention_blocks={self.attention_blocks} must be >= 0 (0: auto)")
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
-
-    def flops_per_token(self, seq_len: int, moe: "MoEConfig | None" = None) -> float:
-        """Training FLOPs per token, PaLM convention (Chowdhery et al. 2022, appendix B).
-
-        6 * N_matmul + 12 * L * (N*H) * T, where N_matmul counts every weight that takes part in
-        a matmul (all non-embedding weights plus the V x D output head, tied or not; the
-        embedding lookup is not a matmul) and the attention term counts the full T x T score
-        and value products, causal mask or not.
-        """
-        h = self.resolved_head_dim
-        attn = self.d_model * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.d_model * self.mlp_dim
-        n_matmul = self.num_layers * (attn + mlp) + self.vocab_size * self.d_model
-        if moe is not None and moe.enabled:
-            active = self.d_model * (moe.num_experts + 3 * (moe.top_k * moe.expert_dim(self) + moe.shared_dim(self)))
-            n_matmul += moe.num_moe_layers(self) * (active - mlp)
-        return 6.0 * n_matmul + 12.0 * self.num_layers * self.num_heads * h * seq_len
 
 
 ROUTERS = ("softmax_topk", "sigmoid_bias")
@@ -87,7 +24,7 @@ DROPLESS_IMPLS = ("auto", "ragged", "blocked")
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """Mixture-of-experts MLPs (YAML section `moe`); num_experts=0 means a dense model.
+    """Mixture-of-experts MLPs (YAML section `model.moe`); num_experts=0 means a dense model.
 
     Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % every == 0.
     """
@@ -116,69 +53,126 @@ class MoEConfig:
 
     def __post_init__(self):
         e, k = self.num_experts, self.top_k
-        check(e >= 0, f"moe.num_experts={e} must be >= 0 (0: dense)")
+        check(e >= 0, f"model.moe.num_experts={e} must be >= 0 (0: dense)")
         if not e:
             return
-        check(1 <= k <= e, f"moe.top_k={k} must be in [1, moe.num_experts={e}]")
-        check_choice("moe.router", self.router, ROUTERS)
-        check_choice("moe.dispatch", self.dispatch, DISPATCHES)
-        check_choice("moe.dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
-        check(self.n_groups >= 1, f"moe.n_groups={self.n_groups} must be >= 1")
+        check(1 <= k <= e, f"model.moe.top_k={k} must be in [1, model.moe.num_experts={e}]")
+        check_choice("model.moe.router", self.router, ROUTERS)
+        check_choice("model.moe.dispatch", self.dispatch, DISPATCHES)
+        check_choice("model.moe.dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
+        check(self.n_groups >= 1, f"model.moe.n_groups={self.n_groups} must be >= 1")
         check(
             e % self.n_groups == 0,
-            f"moe.n_groups={self.n_groups} must divide moe.num_experts={e}",
+            f"model.moe.n_groups={self.n_groups} must divide model.moe.num_experts={e}",
         )
         check(
             1 <= self.topk_groups <= self.n_groups,
-            f"moe.topk_groups={self.topk_groups} must be in [1, moe.n_groups={self.n_groups}]",
+            f"model.moe.topk_groups={self.topk_groups} must be in [1, model.moe.n_groups={self.n_groups}]",
         )
         check(
             k <= self.topk_groups * (e // self.n_groups),
-            f"moe.top_k={k} exceeds the {self.topk_groups * (e // self.n_groups)} experts in "
-            f"moe.topk_groups={self.topk_groups} groups; raise moe.topk_groups",
+            f"model.moe.top_k={k} exceeds the {self.topk_groups * (e // self.n_groups)} experts in "
+            f"model.moe.topk_groups={self.topk_groups} groups; raise model.moe.topk_groups",
         )
         for name in ("every", "block_size"):
-            check(getattr(self, name) >= 1, f"moe.{name}={getattr(self, name)} must be >= 1")
+            check(getattr(self, name) >= 1, f"model.moe.{name}={getattr(self, name)} must be >= 1")
         for name in ("first_dense_layers", "num_shared_experts", "expert_mlp_dim", "shared_mlp_dim"):
-            check(getattr(self, name) >= 0, f"moe.{name}={getattr(self, name)} must be >= 0")
+            check(getattr(self, name) >= 0, f"model.moe.{name}={getattr(self, name)} must be >= 0")
         for name in ("capacity_factor_train", "capacity_factor_eval"):
-            check(getattr(self, name) > 0, f"moe.{name}={getattr(self, name)} must be > 0")
+            check(getattr(self, name) > 0, f"model.moe.{name}={getattr(self, name)} must be > 0")
         for name in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
-            check(getattr(self, name) >= 0, f"moe.{name}={getattr(self, name)} must be >= 0")
+            check(getattr(self, name) >= 0, f"model.moe.{name}={getattr(self, name)} must be >= 0")
 
     @property
     def enabled(self) -> bool:
         return self.num_experts > 0
 
-    def expert_dim(self, model: ModelConfig) -> int:
-        return self.expert_mlp_dim or model.mlp_dim
-
-    def shared_dim(self, model: ModelConfig) -> int:
-        """Hidden size of all shared experts together (one SwiGLU of that width)."""
-        return self.num_shared_experts * (self.shared_mlp_dim or self.expert_dim(model))
-
-    def num_moe_layers(self, model: ModelConfig) -> int:
-        return (model.num_layers - self.first_dense_layers) // self.every if self.enabled else 0
-
     def is_moe_layer(self, i: int) -> bool:
         return self.enabled and i >= self.first_dense_layers and (i - self.first_dense_layers) % self.every == 0
 
-    def check_model(self, model: ModelConfig) -> None:
-        """Checks that need the model's shape too."""
-        if not self.enabled:
-            return
-        rest = model.num_layers - self.first_dense_layers
-        check(
-            rest >= self.every and rest % self.every == 0,
-            f"moe.every={self.every} must divide model.num_layers - moe.first_dense_layers = {rest} "
-            f"(and leave at least one MoE layer)",
-        )
 
-    def check_expert_degree(self, expert_degree: int) -> None:
-        """Experts are sharded over the `expert` mesh axis: its degree must divide E."""
-        if self.enabled and expert_degree > 1:
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer (pre-norm RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // num_heads
+    mlp_dim: int = 352
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    scan_layers: str = "auto"  # auto: lax.scan on TPU/GPU, unrolled on CPU
+    remat: str = "none"
+    attention_blocks: int = 0  # causal query blocks (model/transformer.py: attend); 0 = auto
+    moe: MoEConfig = MoEConfig()  # num_experts=0: every MLP dense
+
+    def __post_init__(self):
+        for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
+            check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        check(self.vocab_size >= 0, f"model.vocab_size={self.vocab_size} must be >= 0 (0: from the tokenizer)")
+        check(self.head_dim >= 0, f"model.head_dim={self.head_dim} must be >= 0 (0: d_model // num_heads)")
+        if self.head_dim == 0:
             check(
-                self.num_experts % expert_degree == 0,
-                f"moe.num_experts={self.num_experts} must be divisible by the expert mesh axis degree "
-                f"{expert_degree} (set mesh.expert to a divisor of it)",
+                self.d_model % self.num_heads == 0,
+                f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} "
+                f"(or set model.head_dim)",
             )
+        check(
+            self.num_heads % self.num_kv_heads == 0,
+            f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}",
+        )
+        check(self.resolved_head_dim % 2 == 0, f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
+        check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice("model.scan_layers", self.scan_layers, SCAN_MODES)
+        check_choice("model.remat", self.remat, REMAT_POLICIES)
+        check(self.attention_blocks >= 0, f"model.attention_blocks={self.attention_blocks} must be >= 0 (0: auto)")
+        if self.moe.enabled:
+            rest = self.num_layers - self.moe.first_dense_layers
+            check(
+                rest >= self.moe.every and rest % self.moe.every == 0,
+                f"model.moe.every={self.moe.every} must divide model.num_layers - model.moe.first_dense_layers = "
+                f"{rest} (and leave at least one MoE layer)",
+            )
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def expert_dim(self) -> int:
+        """Hidden size of each routed expert."""
+        return self.moe.expert_mlp_dim or self.mlp_dim
+
+    @property
+    def shared_dim(self) -> int:
+        """Hidden size of all shared experts together (one SwiGLU of that width)."""
+        return self.moe.num_shared_experts * (self.moe.shared_mlp_dim or self.expert_dim)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return (self.num_layers - self.moe.first_dense_layers) // self.moe.every if self.moe.enabled else 0
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM convention (Chowdhery et al. 2022, appendix B).
+
+        6 * N_matmul + 12 * L * (N*H) * T, where N_matmul counts every weight that takes part in
+        a matmul (all non-embedding weights plus the V x D output head, tied or not; the
+        embedding lookup is not a matmul) and the attention term counts the full T x T score
+        and value products, causal mask or not. MoE layers count the router and the top_k routed
+        plus the shared experts that each token passes through (active parameters).
+        """
+        h = self.resolved_head_dim
+        attn = self.d_model * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.d_model * self.mlp_dim
+        n_matmul = self.num_layers * (attn + mlp) + self.vocab_size * self.d_model
+        moe = self.moe
+        if moe.enabled:
+            active = self.d_model * (moe.num_experts + 3 * (moe.top_k * self.expert_dim + self.shared_dim))
+            n_matmul += self.num_moe_layers * (active - mlp)
+        return 6.0 * n_matmul + 12.0 * self.num_layers * self.num_heads * h * seq_len

@@ -377,8 +377,9 @@ class MoE(nnx.Module):
     eval capacity factor.
     """
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, rngs: nnx.Rngs):
-        d, e, f = cfg.d_model, moe.num_experts, moe.expert_dim(cfg)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        moe = cfg.moe
+        d, e, f = cfg.d_model, moe.num_experts, cfg.expert_dim
         std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
         self.moe = moe
         self.dtype = jnp.dtype(cfg.dtype)
@@ -388,7 +389,7 @@ class MoE(nnx.Module):
         self.w_gate = _param(rngs, (e, d, f), (axes.EXP, axes.EMBED, axes.MLP), std)
         self.w_up = _param(rngs, (e, d, f), (axes.EXP, axes.EMBED, axes.MLP), std)
         self.w_down = _param(rngs, (e, f, d), (axes.EXP, axes.MLP, axes.EMBED), out_std)
-        fs = moe.shared_dim(cfg)
+        fs = cfg.shared_dim
         if fs:
             self.shared_gate = _param(rngs, (d, fs), (axes.EMBED, axes.MLP), std)
             self.shared_up = _param(rngs, (d, fs), (axes.EMBED, axes.MLP), std)

@@ -12,10 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podtrain.model import axes
-from podtrain.model.config import ModelConfig, MoEConfig
+from podtrain.model.config import ModelConfig
 from podtrain.model.moe import MoE
-
-DENSE = MoEConfig()
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH}
 
@@ -293,14 +291,14 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Attention then MLP; with `moe` the MLP is a mixture of experts. Returns (x, cache, stats):
-    stats are the MoE layer's routing statistics ({} for a dense MLP)."""
+    """Attention then MLP; with `experts` the MLP is a mixture of experts (cfg.moe). Returns
+    (x, cache, stats): stats are the MoE layer's routing statistics ({} for a dense MLP)."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig = DENSE, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, experts: bool = False):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
-        self.mlp = MoE(cfg, moe, rngs=rngs) if moe.enabled else MLP(cfg, rngs=rngs)
+        self.mlp = MoE(cfg, rngs=rngs) if experts else MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BTD, rope_BT: Rope, mask_BTS, cache=None, cache_index=None):
         h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), rope_BT, mask_BTS, cache, cache_index)
@@ -316,9 +314,9 @@ class Block(nnx.Module):
 class MoEUnit(nnx.Module):
     """The repeating unit of the MoE part of the stack: one MoE block, then every - 1 dense ones."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, rngs: nnx.Rngs):
-        self.moe_block = Block(cfg, moe, rngs=rngs)
-        self.num_dense = moe.every - 1
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.moe_block = Block(cfg, rngs=rngs, experts=True)
+        self.num_dense = cfg.moe.every - 1
         for i in range(self.num_dense):  # named attributes: int keys (nnx.List) break nnx.capture
             setattr(self, f"dense_{i}", Block(cfg, rngs=rngs))
 
@@ -347,21 +345,20 @@ def _stack(n: int, make, rngs: nnx.Rngs):
 
 
 class Transformer(nnx.Module):
-    """Layers: `blocks`, a scanned stack of dense blocks (all layers when moe is off, else the
-    first moe.first_dense_layers), then with moe `moe_units`, a scanned stack of MoEUnits.
+    """Layers: `blocks`, a scanned stack of dense blocks (all layers when cfg.moe is off, else the
+    first moe.first_dense_layers), then with cfg.moe `moe_units`, a scanned stack of MoEUnits.
     MoE routing statistics, stacked over MoE layers, are sown as `nnx.Intermediate` 'moe_stats'."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: MoEConfig = DENSE):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
         self.cfg = cfg
-        self.moe = moe
+        moe = cfg.moe
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), (axes.VOCAB, axes.EMBED), cfg.init_std)
         n_dense = moe.first_dense_layers if moe.enabled else cfg.num_layers
         self.blocks = _stack(n_dense, lambda r: Block(cfg, rngs=r), rngs) if n_dense else None
         if moe.enabled:
-            units = moe.num_moe_layers(cfg)
-            self.moe_units = _stack(units, lambda r: MoEUnit(cfg, moe, rngs=r), rngs)
+            self.moe_units = _stack(cfg.num_moe_layers, lambda r: MoEUnit(cfg, rngs=r), rngs)
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg.init_std)
@@ -397,13 +394,14 @@ class Transformer(nnx.Module):
             scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=unroll)
             return scan(x_BTD, stack, stack_cache)
 
-        n_dense = self.moe.first_dense_layers if self.moe.enabled else cfg.num_layers
+        moe = cfg.moe
+        n_dense = moe.first_dense_layers if moe.enabled else cfg.num_layers
         dense_cache = None if cache is None else jax.tree.map(lambda c: c[:n_dense], cache)
         new_cache = None
         if n_dense:
             x_BTD, (new_cache, _) = run(self.blocks, n_dense, x_BTD, dense_cache)
-        if self.moe.enabled:
-            every, units = self.moe.every, self.moe.num_moe_layers(cfg)
+        if moe.enabled:
+            every, units = moe.every, cfg.num_moe_layers
             unit_cache = None if cache is None else jax.tree.map(
                 lambda c: c[n_dense:].reshape(units, every, *c.shape[1:]), cache
             )

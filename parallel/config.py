@@ -2,8 +2,6 @@
 
 import dataclasses
 
-from podtrain.model.config import check
-
 AXES = ("data", "fsdp", "expert", "tensor")  # mesh axis order: tensor innermost (fastest links)
 
 
@@ -22,13 +20,17 @@ class MeshConfig:
     devices: int = 0  # 0: every device; n: the first n (e.g. a 1-device reference run)
 
     def __post_init__(self):
-        check(self.devices >= 0, f"mesh.devices={self.devices} must be >= 0 (0: all devices)")
+        if self.devices < 0:
+            raise ValueError(f"mesh.devices={self.devices} must be >= 0 (0: all devices)")
         ici = self.ici
-        check(ici.count(-1) <= 1, f"mesh: at most one ICI degree may be -1, got {dict(zip(AXES, ici))}")
+        if ici.count(-1) > 1:
+            raise ValueError(f"mesh: at most one ICI degree may be -1, got {dict(zip(AXES, ici))}")
         for name, value in zip(AXES, ici):
-            check(value == -1 or value >= 1, f"mesh.{name}={value} must be >= 1 or -1 (fill)")
+            if not (value == -1 or value >= 1):
+                raise ValueError(f"mesh.{name}={value} must be >= 1 or -1 (fill)")
         for name, value in zip(AXES, self.dcn):
-            check(value >= 1, f"mesh.dcn_{name}={value} must be >= 1")
+            if value < 1:
+                raise ValueError(f"mesh.dcn_{name}={value} must be >= 1")
 
     @property
     def ici(self) -> tuple[int, ...]:

@@ -162,7 +162,7 @@ class Estimate:
 
 def state_bytes_per_chip(cfg: Config, mesh) -> float:
     """Bytes of parameters + optimizer state on the most loaded chip, from the shardings alone."""
-    lay = states.layout(cfg.model, optim.optimizer(cfg.train), mesh, cfg.moe)
+    lay = states.layout(cfg.model, optim.optimizer(cfg.train), mesh)
     leaves = jax.tree.leaves(lay.abstract)
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
 
@@ -175,18 +175,19 @@ def _plan_config(cfg: Config, num_slices: int) -> Config:
     if cfg.mesh.devices:
         raise ConfigError(f"mesh.devices={cfg.mesh.devices}: plan uses every chip of the topology; set it to 0")
     scan = "scan" if cfg.model.scan_layers == "auto" else cfg.model.scan_layers
-    ragged = "ragged" if cfg.moe.dropless_impl == "auto" else cfg.moe.dropless_impl  # TPU's choice of "auto"
+    impl = cfg.model.moe.dropless_impl
+    ragged = "ragged" if impl == "auto" else impl  # TPU's choice of "auto"
     blocks = cfg.model.attention_blocks or 1  # "auto" cuts attention into blocks only on CPU
-    return configs.replace(topology.with_slices(cfg, num_slices), model={"scan_layers": scan, "attention_blocks": blocks},
-                           moe={"dropless_impl": ragged})
+    model = {"scan_layers": scan, "attention_blocks": blocks, "moe": {"dropless_impl": ragged}}
+    return configs.replace(topology.with_slices(cfg, num_slices), model=model)
 
 
 def compile_step(cfg: Config, devs):
     """The compiled train step of `cfg` on `devs` (compile-only devices work)."""
     mesh = validate.build_mesh(cfg, devs)
     tx = optim.optimizer(cfg.train)
-    lay = states.layout(cfg.model, tx, mesh, cfg.moe)
-    train_step = steps.make_train_step(lay, tx, cfg.train, moe=cfg.moe)
+    lay = states.layout(cfg.model, tx, mesh)
+    train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
     shape = (cfg.train.batch_size, cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rules.batch_sharding(mesh)) for k in ("inputs", "targets")}
     return train_step.lower(lay.abstract, batch).compile(), mesh
@@ -209,13 +210,14 @@ def _compile_or_oom(cfg: Config, devs):
 def routed_rows_per_chip(cfg: Config, devs) -> tuple[float, int]:
     """(token x expert pairs one chip routes per MoE layer, experts per chip); (0, 0) for dense.
     The batch is split over every mesh axis but `tensor` (parallel/rules.py)."""
-    if not validate.num_experts(cfg):
+    moe = cfg.model.moe
+    if not moe.enabled:
         return 0.0, 0
     ici, dcn = meshes.resolve_degrees(cfg.mesh, len(devs))
     degree = {axis: i * d for axis, i, d in zip(AXES, ici, dcn)}
     shards = len(devs) // degree["tensor"]
-    pairs = cfg.train.batch_size * cfg.data.seq_len * cfg.moe.top_k / shards
-    return pairs, max(1, cfg.moe.num_experts // degree["expert"])
+    pairs = cfg.train.batch_size * cfg.data.seq_len * moe.top_k / shards
+    return pairs, max(1, moe.num_experts // degree["expert"])
 
 
 def ragged_kernels(hlo_text: str) -> list[tuple[int, int, float]]:
@@ -281,7 +283,7 @@ def estimate(cfg: Config, devs, per_layer=None) -> Estimate:
         device_kind=kind, chips=len(devs), hbm=chips.published(chips.PUBLISHED_HBM, kind) or math.inf,
         memory=Memory.of(compiled) if compiled else None, oom=oom, flops=flops, cost_analysis_flops=charged,
         bytes_accessed=bytes_,
-        model_flops=cfg.model.flops_per_token(cfg.data.seq_len, cfg.moe) * cfg.train.batch_size * cfg.data.seq_len,
+        model_flops=cfg.model.flops_per_token(cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len,
         peak_flops=chips.published(chips.PUBLISHED_PEAK, kind),
         hbm_bandwidth=chips.published(chips.PUBLISHED_HBM_BANDWIDTH, kind),
         compile_s=time.perf_counter() - t0,
@@ -372,10 +374,11 @@ def _disagreement(est: Estimate, cfg: Config) -> str:
     if est.flops_ratio < AGREE[0]:
         return ("the compiled program does less than the model count (e.g. ops the cost analysis does not count, "
                 "such as library calls); the step time is too optimistic")
-    if validate.num_experts(cfg) and cfg.moe.dispatch == "capacity":
+    moe = cfg.model.moe
+    if moe.enabled and moe.dispatch == "capacity":
         return ("capacity dispatch computes every expert's E x C slots, filled or not (capacity_factor x the "
                 "routed rows); the estimate keeps that work")
-    if validate.num_experts(cfg) and est.device_kind.startswith("TPU"):
+    if moe.enabled and est.device_kind.startswith("TPU"):
         return ("on TPU the weight gradient of lax.ragged_dot compiles to a dense masked matmul over every local "
                 "expert and every row of the expert buffer (with expert parallelism that buffer holds `expert` x the "
                 "routed rows), so the backward pass really does this extra work and the estimate keeps it "
@@ -386,7 +389,7 @@ def _disagreement(est: Estimate, cfg: Config) -> str:
 def candidates(cfg: Config, chips_per_slice: int) -> list[dict[str, int]]:
     """Mesh degrees to try: tensor (dividing the heads) x expert (dividing the experts) with the
     rest of each slice FSDP, plus plain data parallelism."""
-    experts = validate.num_experts(cfg) or 1
+    experts = cfg.model.moe.num_experts or 1
     out = [{"data": chips_per_slice, "fsdp": 1, "expert": 1, "tensor": 1}]
     for tensor in (1, 2, 4, 8):
         if chips_per_slice % tensor or cfg.model.num_heads % tensor or cfg.model.mlp_dim % tensor:

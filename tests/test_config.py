@@ -33,15 +33,17 @@ def test_shakespeare_char_is_nanogpts_baby_gpt_shape():
     assert (cfg.data.dataset, cfg.data.tokenizer) == ("tiny_shakespeare", "char")
 
 
-def _every_float_and_bool_changed() -> list[str]:
-    """Overrides giving every float and bool field of every section a non-default value."""
+def _every_float_and_bool_changed(cls=configs.Config, prefix: str = "") -> list[str]:
+    """Overrides giving every float and bool field of every section (nested ones too) a non-default value."""
     out = []
-    for section in dataclasses.fields(configs.Config):
-        for field in dataclasses.fields(section.type):
-            if field.type is bool:
-                out.append(f"{section.name}.{field.name}={str(not field.default).lower()}")
-            elif field.type is float:
-                out.append(f"{section.name}.{field.name}={field.default * 0.5 + 1e-4!r}")
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name
+        if dataclasses.is_dataclass(field.type):
+            out += _every_float_and_bool_changed(field.type, key + ".")
+        elif field.type is bool:
+            out.append(f"{key}={str(not field.default).lower()}")
+        elif field.type is float:
+            out.append(f"{key}={field.default * 0.5 + 1e-4!r}")
     return out
 
 
@@ -95,6 +97,7 @@ BAD = {
     "value as section": (["model.d_model.x=1"], ["model.d_model=", "expected int"]),
     "no equals sign": (["model.d_model"], ["model.d_model", "key.sub=value"]),
     "empty run dir": (["run.dir="], ["run.dir=''"]),
+    "moe as a section of its own": (["moe.num_experts=8"], ["unknown config key moe", "model.moe.num_experts=8"]),
 }
 
 
@@ -106,6 +109,21 @@ def test_bad_input_is_one_line_naming_key_and_value(overrides, words):
     assert "\n" not in message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_a_top_level_moe_section_says_where_it_lives(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  d_model: 64\nmoe:\n  num_experts: 8\n")
+    with pytest.raises(ConfigError) as err:
+        configs.load(path)
+    assert str(err.value) == "unknown config key moe: the MoE section lives in model.moe (e.g. model.moe.num_experts=8)"
+
+
+def test_moe_nests_in_the_model_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_layers: 3\n  moe:\n    num_experts: 4\n    first_dense_layers: 1\n")
+    cfg = configs.load(path, ["model.moe.top_k=1"])
+    assert (cfg.model.moe.num_experts, cfg.model.moe.top_k, cfg.model.num_moe_layers) == (4, 1, 2)
 
 
 def test_missing_config_file(tmp_path):

@@ -1,7 +1,6 @@
 """Export to / import from Hugging Face `transformers`, checked against transformers itself (fp32)."""
 
 import collections
-import inspect
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from podtrain.data import tokenizer  # noqa: E402
 from podtrain.launch import cli  # noqa: E402
 from podtrain.inference import weights  # noqa: E402
 from podtrain.interop import export  # noqa: E402
-from podtrain.train import adapters, config as configs  # noqa: E402
+from podtrain.train import config as configs  # noqa: E402
 from podtrain.train.config import ConfigError  # noqa: E402
 
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 65 characters
@@ -39,9 +38,9 @@ def random_run(run_dir, tok=None, seed=0, moe=None, **model) -> tuple[configs.Co
     """A run dir with random weights (norm scales and router biases too, so a misplaced one shows)."""
     tok = tok or tokenizer.CharTokenizer(CHARS)
     model = {"vocab_size": 67, "num_layers": 3, "d_model": 48, "num_heads": 6, "num_kv_heads": 3,
-             "mlp_dim": 37, "rope_theta": 500.0, "norm_eps": 1e-6, "init_std": 0.2, **model}
+             "mlp_dim": 37, "rope_theta": 500.0, "norm_eps": 1e-6, "init_std": 0.2, "moe": moe or {}, **model}
     sections = {"model": model, "data": {"tokenizer": tok.kind, "seq_len": 32}, "run": {"dir": str(run_dir)}}
-    cfg = configs.from_dict({**sections, "moe": moe} if moe else sections)
+    cfg = configs.from_dict(sections)
     _, abstract_params, abstract_buffers = weights.abstract_trees(cfg)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
     keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
@@ -312,9 +311,6 @@ def test_export_fetches_one_layer_at_a_time(tmp_path, monkeypatch):
     assert collections.Counter(fetched) == collections.Counter(layer_shapes + global_shapes)
 
 
-needs_moe = pytest.mark.skipif(
-    not hasattr(configs.Config(), "moe"), reason="MoE (model/moe.py, the moe config section) is not merged yet"
-)
 MIXTRAL_MOE = {"num_experts": 5, "top_k": 2, "expert_mlp_dim": 19, "router": "softmax_topk", "normalize_topk": True}
 DEEPSEEK_MOE = {  # DeepSeek-V3 routing: sigmoid, bias-corrected group-limited choice, scaling, shared experts
     "num_experts": 6, "top_k": 2, "expert_mlp_dim": 19, "router": "sigmoid_bias", "normalize_topk": True,
@@ -328,7 +324,6 @@ MOE_CASES = {
 }
 
 
-@needs_moe
 @pytest.mark.parametrize("case", MOE_CASES)
 def test_moe_export_matches_transformers_logits(tmp_path, case):
     moe, arch = MOE_CASES[case]
@@ -341,12 +336,11 @@ def test_moe_export_matches_transformers_logits(tmp_path, case):
     assert_logits_match(theirs, ours, f"export MoE {case}")
 
 
-@needs_moe
 @pytest.mark.parametrize("moe, feature", [
     ({**MIXTRAL_MOE, "normalize_topk": False}, "normalize_topk"),
     ({**MIXTRAL_MOE, "num_shared_experts": 1}, "shared experts"),
     ({**MIXTRAL_MOE, "every": 3}, "dense layers"),
-    ({**DEEPSEEK_MOE, "first_dense_layers": 0, "every": 3}, "moe.every=3"),
+    ({**DEEPSEEK_MOE, "first_dense_layers": 0, "every": 3}, "model.moe.every=3"),
     ({**DEEPSEEK_MOE, "shared_mlp_dim": 7}, "shared_mlp_dim"),
 ], ids=["unnormalized", "shared", "interleaved", "glm_every", "shared_width"])
 def test_moe_export_refuses_what_no_class_expresses(tmp_path, moe, feature):
@@ -356,7 +350,6 @@ def test_moe_export_refuses_what_no_class_expresses(tmp_path, moe, feature):
     assert not (tmp_path / "hf").exists()
 
 
-@needs_moe
 def test_group_limited_export_refuses_negative_router_bias(tmp_path):
     cfg, params, buffers = random_run(tmp_path / "run", moe=DEEPSEEK_MOE)
     buffers = jax.tree.map(lambda b: b - 1.0, buffers)
@@ -390,14 +383,13 @@ def random_hf_moe(directory, arch):
     model.save_pretrained(directory)
 
 
-@needs_moe
 @pytest.mark.parametrize("arch", ["mixtral", "glm4_moe"])
 def test_import_moe_gives_same_logits_and_round_trips_bitwise(tmp_path, arch):
     random_hf_moe(tmp_path / "hf", arch)
     run = export.import_hf(tmp_path / "hf", tmp_path / "run")
     loaded = weights.load(run)
     cfg, params, buffers = loaded.cfg, loaded.params, loaded.buffers
-    assert cfg.moe.num_experts in (5, 6)
+    assert cfg.model.moe.num_experts in (5, 6)
     ids = tokens(cfg)
     assert_logits_match(hf_logits(tmp_path / "hf", ids), podtrain_logits(cfg, params, buffers, ids),
                         f"import {arch}")
@@ -410,16 +402,12 @@ def test_import_moe_gives_same_logits_and_round_trips_bitwise(tmp_path, arch):
 # {'train', 'frozen'}) as the model `finetune.merged_params` rebuilds, dense and MoE.
 # ---------------------------------------------------------------------------------------------
 
-needs_moe_finetune = pytest.mark.skipif(
-    "moe" not in inspect.signature(adapters.build).parameters,
-    reason="MoE fine-tuning (adapters.build taking the moe config: the ft branch) is not merged yet",
-)
 FT_KINDS = {
     "dense": (),
-    # DeepSeek-style sigmoid router whose biases move every step (moe.bias_update_rate): the
+    # DeepSeek-style sigmoid router whose biases move every step (model.moe.bias_update_rate): the
     # fine-tuned run's buffers differ from the base run's, so reading the wrong ones shows
-    "moe": ("moe.num_experts=4", "moe.top_k=2", "moe.expert_mlp_dim=32", "moe.router=sigmoid_bias",
-            "moe.bias_update_rate=0.05"),
+    "moe": ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_mlp_dim=32",
+            "model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.05"),
 }
 FT_MODES = {
     "freeze": ("finetune.mode=freeze", "finetune.freeze=^embed$|attn/"),
@@ -428,7 +416,7 @@ FT_MODES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dense", pytest.param("moe", marks=needs_moe_finetune)])
+@pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_sample_and_export_read_freeze_and_lora_runs(tiny_config, tmp_path, capsys, kind):
     from podtrain.inference import generate
     from podtrain.train import finetune, integrity, loop
@@ -480,9 +468,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@needs_moe_finetune
 def test_moe_pretrain_finetune_export_greedy_text_matches_transformers(tmp_path, tfds_dir, shakespeare_dir, capsys):
-    """The CLI verbs on configs/shakespeare_moe.yaml (its moe section: 8 experts, softmax top-2,
+    """The CLI verbs on configs/shakespeare_moe.yaml (its model.moe section: 8 experts, softmax top-2,
     renormalized; half its width and layers, for time): pretrain, fine-tune on held-out text,
     export --format hf; transformers' greedy generate == `podtrain sample --temperature 0` for as
     many new tokens as the trained context holds (beyond it, sample re-encodes a shorter window)."""
@@ -490,12 +477,12 @@ def test_moe_pretrain_finetune_export_greedy_text_matches_transformers(tmp_path,
              "train.peak_flops=1e11"]
     base_dir, ft_dir, out = tmp_path / "moe", tmp_path / "moe_ft", tmp_path / "hf"
     assert cli.main(["pretrain", "--config", str(ROOT / "configs" / "shakespeare_moe.yaml"), *where,
-                     "model.num_layers=2", "model.d_model=64", "model.mlp_dim=176", "moe.expert_mlp_dim=88",
+                     "model.num_layers=2", "model.d_model=64", "model.mlp_dim=176", "model.moe.expert_mlp_dim=88",
                      f"data.manual_dir={shakespeare_dir}", "train.steps=300", "train.eval_every=300",
                      "train.warmup_steps=20", "train.lr=3e-3", "train.min_lr=3e-4", f"run.dir={base_dir}"]) == 0
     base = configs.to_dict(configs.load(base_dir / "config.yaml"))
-    assert base["moe"]["num_experts"] == 8 and base["moe"]["router"] == "softmax_topk"
-    same_model = [f"{section}.{k}={v}" for section in ("model", "moe") for k, v in base[section].items()]
+    assert base["model"]["moe"]["num_experts"] == 8 and base["model"]["moe"]["router"] == "softmax_topk"
+    same_model = [f"{k}={v}" for k, v in configs.flat({"model": base["model"]}).items()]
     assert cli.main(["finetune", "--config", str(ROOT / "configs" / "shakespeare_char_ft.yaml"), *where, *same_model,
                      f"data.manual_dir={heldout_dir(tmp_path, tfds_dir)}", f"finetune.init_from={base_dir}",
                      "train.steps=20", "train.eval_every=20", "train.warmup_steps=2", "train.lr=1e-3",

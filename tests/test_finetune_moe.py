@@ -20,8 +20,8 @@ TINY = [
 ]
 # DeepSeek-V3-style routing: the router bias (a buffer, not a parameter) picks the experts
 MOE = [
-    "moe.num_experts=4", "moe.top_k=2", "moe.expert_mlp_dim=32", "moe.router=sigmoid_bias",
-    "moe.bias_update_rate=0.05", "moe.load_balance_coef=0.01", "moe.z_loss_coef=0.001",
+    "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_mlp_dim=32", "model.moe.router=sigmoid_bias",
+    "model.moe.bias_update_rate=0.05", "model.moe.load_balance_coef=0.01", "model.moe.z_loss_coef=0.001",
 ]
 RATE = 0.05
 
@@ -58,7 +58,7 @@ def _ft_config(moe_base, tmp_path, tfds_dir, *overrides):
 def _evaluator(cfg):
     """(params, buffers) -> the plain (pretraining) model's held-out loss, compiled once."""
     cfg = loop.resolve(cfg, 65)
-    lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh), cfg.moe)
+    lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
     _, val = finetune.load_data(cfg, tokenizer.load(cfg.run.dir), 0, 1)
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     eval_step = steps.make_eval_step(lay)
@@ -82,7 +82,7 @@ def _bias(buffers) -> np.ndarray:
 def test_full_finetune_carries_and_uses_the_base_router_biases(moe_base, tmp_path, tfds_dir):
     _, base_params, base_buffers, _ = moe_base
     assert np.abs(_bias(base_buffers)).max() >= RATE, "the base run's biases moved"
-    cfg = _ft_config(moe_base, tmp_path, tfds_dir, "moe.bias_update_rate=0")  # biases stay the base's
+    cfg = _ft_config(moe_base, tmp_path, tfds_dir, "model.moe.bias_update_rate=0")  # biases stay the base's
     result = finetune.finetune(cfg)
     np.testing.assert_array_equal(_bias(_host(result["state"].buffers)), _bias(base_buffers))
     tuned = adapters.flatten(_host(result["params"]))
@@ -135,7 +135,7 @@ def test_lora_gives_every_expert_its_own_factors(moe_base, tmp_path, tfds_dir):
     _, base_params, base_buffers, _ = moe_base
     cfg = _ft_config(moe_base, tmp_path, tfds_dir, "finetune.mode=lora", "finetune.lora_rank=2", "train.steps=2",
                      "train.eval_every=2", "train.lr=1e-2")
-    adapter = adapters.build(cfg.finetune, loop.resolve(cfg, 65).model, cfg.moe)
+    adapter = adapters.build(cfg.finetune, loop.resolve(cfg, 65).model)
     assert integrity.tree_digest(adapter.merged(adapter.split(base_params, jax.random.key(0)))) == \
         integrity.tree_digest(base_params), "LoRA starts exactly at the base model"
     result = finetune.finetune(cfg)
@@ -163,16 +163,16 @@ def test_lora_target_without_embed_axis_is_a_config_error():
     cfg = configs.load(None, TINY + MOE + ["model.vocab_size=65", "finetune.mode=lora",
                                            "finetune.lora_targets=mlp/bias$|moe_block/attn_norm"])
     with pytest.raises(ConfigError, match=r"finetune.lora_targets matches moe_units/moe_block/attn_norm/scale"):
-        adapters.build(cfg.finetune, cfg.model, cfg.moe)
+        adapters.build(cfg.finetune, cfg.model)
 
 
 def test_moe_mismatches_with_the_base_are_config_errors(moe_base, tmp_path, tfds_dir):
-    with pytest.raises(ConfigError, match=r"moe.router='softmax_topk' \(base 'sigmoid_bias'\)"):
-        finetune.finetune(_ft_config(moe_base, tmp_path, tfds_dir, "moe.router=softmax_topk"))
+    with pytest.raises(ConfigError, match=r"model.moe.router='softmax_topk' \(base 'sigmoid_bias'\)"):
+        finetune.finetune(_ft_config(moe_base, tmp_path, tfds_dir, "model.moe.router=softmax_topk"))
     with pytest.raises(ConfigError, match=r"moe_units/moe_block/mlp/bias: base \(2, 4\) vs \(2, 2\)"):
-        finetune.finetune(_ft_config(moe_base, tmp_path, tfds_dir, "moe.num_experts=2"))
+        finetune.finetune(_ft_config(moe_base, tmp_path, tfds_dir, "model.moe.num_experts=2"))
     with pytest.raises(ConfigError, match=r"moe_units/moe_block/mlp/w_up: base \(2, 4, 32, 32\) vs missing"):
-        finetune.finetune(_ft_config(moe_base, tmp_path, tfds_dir, "moe.num_experts=0"))
+        finetune.finetune(_ft_config(moe_base, tmp_path, tfds_dir, "model.moe.num_experts=0"))
     assert not (tmp_path / "ft").exists(), "nothing may be written for bad input"
 
 
@@ -182,7 +182,7 @@ def test_shipped_moe_finetune_config_matches_its_pretrain():
     root = Path(__file__).resolve().parent.parent / "configs"
     ft, base = configs.load(root / "shakespeare_moe_ft.yaml"), configs.load(root / "shakespeare_moe.yaml")
     assert ft.finetune.init_from and ft.data.dataset == "text_files"
-    assert (ft.model, ft.moe) == (base.model, base.moe)
+    assert ft.model == base.model
 
 
 def test_moe_finetune_resumes_bitwise_with_its_router_biases(moe_base, tmp_path, tfds_dir):

@@ -70,12 +70,12 @@ def test_good_layouts_pass():
         validate.build_mesh(config(*overrides))
 
 
-def test_expert_degree_against_moe_models(monkeypatch):
-    monkeypatch.setattr(validate, "num_experts", lambda cfg: 4)  # what an MoE config section reports
-    validate.check_expert(config(), 2)
-    validate.check_expert(config(), 4)
+def test_expert_degree_against_moe_models():
+    moe = config("model.moe.num_experts=4")
+    validate.check_expert(moe, 2)
+    validate.check_expert(moe, 4)
     with pytest.raises(ConfigError, match="expert-parallel degree 8 .* does not divide the 4 experts"):
-        validate.check_expert(config(), 8)
+        validate.check_expert(moe, 8)
 
 
 def test_cli_reports_a_bad_mesh_in_one_line_before_touching_disk(tmp_path, capsys):
@@ -97,7 +97,7 @@ def test_emulated_dcn_groups_consecutive_devices():
 
 def test_gqa_kv_heads_fewer_than_tensor_stay_whole():
     cfg = config("model.num_kv_heads=2", "mesh.data=2", "mesh.tensor=4")
-    _, abstract = states.abstract_model(cfg.model)
+    _, abstract, _ = states.abstract_model(cfg.model)
     specs = nnx.to_pure_dict(rules.param_specs(abstract, validate.build_mesh(cfg)))
     assert specs["blocks"]["attn"]["wk"] == jax.sharding.PartitionSpec(None, None, None, None)
     assert specs["blocks"]["attn"]["wq"] == jax.sharding.PartitionSpec(None, None, "tensor", None)

@@ -1,5 +1,6 @@
 """Every MoE router x dispatch path against a slow per-token loop reference (outputs and grads)."""
 
+import dataclasses
 import math
 
 import jax
@@ -111,7 +112,7 @@ def reference(p, x_BTD, cfg: MoEConfig, choices: list[list[int]]):
 
 def _build(cfg: MoEConfig, seed=0):
     with nnx.use_eager_sharding(False):
-        layer = moe_lib.MoE(MODEL, cfg, rngs=nnx.Rngs(params=seed))
+        layer = moe_lib.MoE(dataclasses.replace(MODEL, moe=cfg), rngs=nnx.Rngs(params=seed))
     layer.router[...] = layer.router[...] * 20.0  # decisive routing, so drops and groups matter
     layer.bias[...] = jax.random.uniform(jax.random.key(7), layer.bias.shape, minval=-0.3, maxval=0.3)
     return layer
@@ -181,10 +182,12 @@ def test_bias_update_moves_toward_balance():
 def test_router_bias_is_a_buffer_outside_the_optimizer():
     from podtrain.train import config as configs, optim, state as states
 
-    cfg = configs.load(None, ["model.vocab_size=32", "moe.num_experts=4", "moe.router=sigmoid_bias", "mesh.devices=1"])
+    cfg = configs.load(
+        None, ["model.vocab_size=32", "model.moe.num_experts=4", "model.moe.router=sigmoid_bias", "mesh.devices=1"]
+    )
     tx = optim.optimizer(cfg.train)
     lay = states.layout(cfg.model, tx, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
-                                                         ("data", "fsdp", "expert", "tensor")), cfg.moe)
+                                                         ("data", "fsdp", "expert", "tensor")))
     bias_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lay.abstract.buffers)[0]]
     assert bias_paths == ["['moe_units']['moe_block']['mlp']['bias']"]
     opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lay.abstract.opt_state)[0]]

@@ -10,10 +10,10 @@ from podtrain.parallel import mesh as meshes, rules
 from podtrain.train import config as configs, optim, state as states, step as steps
 
 MOE = [
-    "moe.num_experts=8", "moe.top_k=2", "moe.expert_mlp_dim=24", "moe.router=sigmoid_bias",
-    "moe.n_groups=4", "moe.topk_groups=2", "moe.routed_scaling=1.5", "moe.num_shared_experts=1",
-    "moe.load_balance_coef=0.01", "moe.z_loss_coef=0.001", "moe.bias_update_rate=0.01",
-    "moe.first_dense_layers=1", "moe.every=2", "moe.block_size=8",
+    "model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.expert_mlp_dim=24", "model.moe.router=sigmoid_bias",
+    "model.moe.n_groups=4", "model.moe.topk_groups=2", "model.moe.routed_scaling=1.5",
+    "model.moe.num_shared_experts=1", "model.moe.load_balance_coef=0.01", "model.moe.z_loss_coef=0.001",
+    "model.moe.bias_update_rate=0.01", "model.moe.first_dense_layers=1", "model.moe.every=2", "model.moe.block_size=8",
 ]
 BASE = [
     "model.vocab_size=32", "model.num_layers=3", "model.d_model=32", "model.num_heads=4",
@@ -24,9 +24,9 @@ MESHES = {
     "expert2_fsdp2": ["mesh.devices=8", "mesh.data=-1", "mesh.expert=2", "mesh.fsdp=2"],
 }
 DISPATCH = {
-    "dropless": ["moe.dispatch=dropless"],  # blocked on CPU
-    "dropless_ragged": ["moe.dispatch=dropless", "moe.dropless_impl=ragged"],  # the TPU/GPU path
-    "capacity": ["moe.dispatch=capacity", "moe.capacity_factor_train=1.0"],
+    "dropless": ["model.moe.dispatch=dropless"],  # blocked on CPU
+    "dropless_ragged": ["model.moe.dispatch=dropless", "model.moe.dropless_impl=ragged"],  # the TPU/GPU path
+    "capacity": ["model.moe.dispatch=capacity", "model.moe.capacity_factor_train=1.0"],
 }
 
 
@@ -35,9 +35,9 @@ def train_3_steps(mesh: str, dispatch: str):
     cfg = configs.load(None, BASE + MOE + DISPATCH[dispatch] + MESHES.get(mesh, ["mesh.devices=1"]))
     m = meshes.build_mesh(cfg.mesh)
     tx = optim.optimizer(cfg.train)
-    lay = states.layout(cfg.model, tx, m, cfg.moe)
-    train_step = steps.make_train_step(lay, tx, cfg.train, moe=cfg.moe)
-    state = states.init_state(cfg.model, tx, lay, seed=0, moe=cfg.moe)
+    lay = states.layout(cfg.model, tx, m)
+    train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
+    state = states.init_state(cfg.model, tx, lay, seed=0)
     losses, dropped = [], []
     for i in range(3):
         tokens = jax.random.randint(jax.random.key(i), (8, 17), 0, 32)

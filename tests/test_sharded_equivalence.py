@@ -47,7 +47,7 @@ def train(*overrides: str):
     tx = optim.optimizer(cfg.train)
     lay = states.layout(cfg.model, tx, mesh)
     state = states.init_state(cfg.model, tx, lay, cfg.train.seed)
-    train_step = steps.make_train_step(lay, tx, cfg.train)
+    train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
     sharding, losses = rules.batch_sharding(mesh), []
     for batch in batches():
         state, out = train_step(state, global_batch(batch, sharding, BATCH))

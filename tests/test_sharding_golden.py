@@ -45,7 +45,7 @@ def snapshot(config_path: Path) -> str:
     if cfg.model.vocab_size == 0:
         lines.append(f"# model.vocab_size=0 (from the tokenizer): snapshot taken with vocab_size={VOCAB_STAND_IN}")
         cfg = configs.replace(cfg, model={"vocab_size": VOCAB_STAND_IN})
-    _, abstract, buffers = states.abstract_model(cfg.model, cfg.moe)
+    _, abstract, buffers = states.abstract_model(cfg.model)
     abstract = nnx.State.merge(abstract, buffers)  # MoE router biases are sharded too
     for name, (devices, mesh_cfg) in LAYOUTS.items():
         ici, dcn = meshes.resolve_degrees(mesh_cfg, devices)

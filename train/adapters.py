@@ -12,7 +12,7 @@ expert. The input dimensions are 'embed' when it comes first (wq, w_up, lm_head,
 else all dimensions before a trailing 'embed' (wo, w_down, the embedding table).
 
 MoE models: buffers (router biases) are not parameters; they come from the base run as they are
-and move during fine-tuning only by moe.bias_update_rate (train/step.py).
+and move during fine-tuning only by model.moe.bias_update_rate (train/step.py).
 """
 
 import dataclasses
@@ -25,7 +25,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from podtrain.model import ModelConfig, axes
-from podtrain.model.config import MoEConfig
 from podtrain.parallel import rules
 from podtrain.train import state as states
 from podtrain.train.config import ConfigError, FinetuneConfig
@@ -93,8 +92,8 @@ class Adapter:
         return params if self.mode == "full" else self._materialize(params["train"], params["frozen"])
 
 
-def build(cfg: FinetuneConfig, model_cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> Adapter:
-    _, abstract_vars, _ = states.abstract_model(model_cfg, moe)
+def build(cfg: FinetuneConfig, model_cfg: ModelConfig) -> Adapter:
+    _, abstract_vars, _ = states.abstract_model(model_cfg)
     names = {path_str(p): v.get_metadata().get("out_sharding") for p, v in nnx.to_flat_state(abstract_vars)}
     shapes = {path_str(p): v.shape for p, v in nnx.to_flat_state(abstract_vars)}
     if cfg.mode == "full":
@@ -146,10 +145,10 @@ def shardings(adapter: Adapter, model_shardings: dict, mesh: Mesh):
     return {"train": {p: {"a": replicated, "b": replicated} for p in adapter.lora}, "frozen": frozen}
 
 
-def layout(adapter: Adapter, model_cfg: ModelConfig, tx, mesh: Mesh, moe: MoEConfig = MoEConfig()) -> states.Layout:
+def layout(adapter: Adapter, model_cfg: ModelConfig, tx, mesh: Mesh) -> states.Layout:
     """The fine-tuning state's Layout: pretraining's (train/state.py), params split by the adapter
     and optimizer state for the trained part only."""
-    base = states.layout(model_cfg, tx, mesh, moe)
+    base = states.layout(model_cfg, tx, mesh)
     if adapter.mode == "full":
         return base
     abstract_params = jax.eval_shape(lambda p: adapter.split(p, jax.random.key(0)), base.abstract.params)

@@ -15,7 +15,7 @@ import dacite
 import yaml
 
 from podtrain.data.config import DataConfig
-from podtrain.model.config import ModelConfig, MoEConfig, check, check_choice
+from podtrain.model.config import ModelConfig, check, check_choice
 from podtrain.parallel.config import MeshConfig
 
 
@@ -120,7 +120,6 @@ class LaunchConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
-    moe: MoEConfig = MoEConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
@@ -130,14 +129,11 @@ class Config:
     launch: LaunchConfig = LaunchConfig()
 
     def __post_init__(self):
-        self.moe.check_model(self.model)
         blocks = self.model.attention_blocks
         check(
             blocks == 0 or self.data.seq_len % blocks == 0,
             f"model.attention_blocks={blocks} must divide data.seq_len={self.data.seq_len} (or 0: auto)",
         )
-        if self.mesh.expert != -1:  # a filled (-1) degree is checked once the mesh is built
-            self.moe.check_expert_degree(self.mesh.expert * self.mesh.dcn_expert)
 
 
 def _number(field_type):
@@ -159,11 +155,17 @@ def _number(field_type):
 _DACITE = dacite.Config(strict=True, type_hooks={float: _number(float), int: _number(int)})
 
 
+# Keys that name a section which lives elsewhere: where it lives now.
+MOVED = {"moe": "the MoE section lives in model.moe (e.g. model.moe.num_experts=8)"}
+
+
 def _check_keys(cls, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r} must be a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
+        if prefix + str(key) in MOVED:
+            raise ConfigError(f"unknown config key {prefix}{key}: {MOVED[prefix + str(key)]}")
         if key not in fields:
             valid = [prefix + name for name in fields]
             close = difflib.get_close_matches(prefix + str(key), valid, n=1, cutoff=0.5)
@@ -228,12 +230,22 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value}, keys as overrides name them (model.moe.top_k)."""
+    out = {}
+    for key, value in data.items():
+        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+    return out
+
+
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def replace(cfg: Config, **sections) -> Config:
-    """Config with some sections' fields replaced: replace(cfg, model={'vocab_size': 65})."""
-    return dataclasses.replace(
-        cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
-    )
+def replace(cfg, **sections):
+    """Config with some sections' fields replaced, nested sections as dicts too:
+    replace(cfg, model={'vocab_size': 65, 'moe': {'num_experts': 8}})."""
+    return dataclasses.replace(cfg, **{
+        name: replace(getattr(cfg, name), **value) if isinstance(value, dict) else value
+        for name, value in sections.items()
+    })

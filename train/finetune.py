@@ -51,7 +51,7 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizer.Tokenizer]:
         except FileNotFoundError as e:
             raise ConfigError(f"finetune.init_from={cfg.finetune.init_from}: {e}") from None
         spec = base.read_json(step, "tokenizer")
-        base_moe = base.read_json(step, "config").get("moe", {})
+        base_moe = base.read_json(step, "config").get("model", {}).get("moe", {})
     finally:
         base.close()
     _check_routing(cfg, base_moe, f"{run_dir} step {step}")
@@ -65,13 +65,13 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizer.Tokenizer]:
 
 
 def _check_routing(cfg: Config, base_moe: dict, where: str) -> None:
-    ours = configs.to_dict(cfg)["moe"]
-    diffs = [f"moe.{k}={ours[k]!r} (base {base_moe[k]!r})" for k in ROUTING_KEYS
-             if cfg.moe.enabled and k in base_moe and base_moe[k] != ours[k]]
+    ours = configs.to_dict(cfg)["model"]["moe"]
+    diffs = [f"model.moe.{k}={ours[k]!r} (base {base_moe[k]!r})" for k in ROUTING_KEYS
+             if cfg.model.moe.enabled and k in base_moe and base_moe[k] != ours[k]]
     if diffs:
         raise ConfigError(
             f"MoE routing differs from the base run {where}: {'; '.join(diffs)}; "
-            f"use the base run's moe section (its config.yaml)"
+            f"use the base run's model.moe section (its config.yaml)"
         )
 
 
@@ -80,7 +80,7 @@ def check_architecture(cfg: Config, run_dir: Path, step: int) -> None:
     with PyTreeCheckpointer() as ckptr:
         meta = dict(ckptr.metadata(run_dir / checkpoint.DIRNAME / str(step) / "state").item_metadata)
     base = {p: tuple(m.shape) for part in ("params", "buffers") for p, m in adapters.flatten(meta.get(part) or {}).items()}
-    _, abstract_params, abstract_buffers = states.abstract_model(cfg.model, cfg.moe)
+    _, abstract_params, abstract_buffers = states.abstract_model(cfg.model)
     ours = {adapters.path_str(p): tuple(v.shape)
             for tree in (abstract_params, abstract_buffers) for p, v in nnx.to_flat_state(tree)}
     diffs = [f"{p}: base {base.get(p, 'missing')} vs {ours.get(p, 'missing')}"
@@ -88,7 +88,7 @@ def check_architecture(cfg: Config, run_dir: Path, step: int) -> None:
     if diffs:
         raise ConfigError(
             f"model does not match the base run {run_dir} step {step}: {'; '.join(diffs)}; "
-            f"use the base run's model and moe sections (its config.yaml)"
+            f"use the base run's model section (its config.yaml)"
         )
 
 
@@ -122,10 +122,10 @@ def finetune(cfg: Config) -> dict:
     data_iter, val_host = load_data(cfg, tok, part, parts)
     run_dir = loop.prepare_run_dir(cfg, tok)
 
-    adapter = adapters.build(cfg.finetune, cfg.model, cfg.moe)
+    adapter = adapters.build(cfg.finetune, cfg.model)
     tx = optim.optimizer(cfg.train)
-    lay = adapters.layout(adapter, cfg.model, tx, mesh, cfg.moe)
-    train_step = steps.make_train_step(lay, tx, cfg.train, adapter.materialize, moe=cfg.moe)
+    lay = adapters.layout(adapter, cfg.model, tx, mesh)
+    train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model, adapter.materialize)
     eval_step = steps.make_eval_step(lay, adapter.materialize)
     val = [loop.global_batch(b, batch_sharding, cfg.train.batch_size) for b in val_host]
 
@@ -142,7 +142,7 @@ def finetune(cfg: Config) -> dict:
 def base_parts(cfg: Config, mesh, run_dir: Path, step: int) -> dict:
     """The base run's {'params', 'buffers' (MoE router biases; absent for dense)} at `step`,
     on the shardings pretraining would give them on `mesh`."""
-    model_lay = states.layout(cfg.model, optim.optimizer(cfg.train), mesh, cfg.moe)
+    model_lay = states.layout(cfg.model, optim.optimizer(cfg.train), mesh)
     parts = {"params": model_lay.abstract.params, "buffers": model_lay.abstract.buffers}
     parts, _ = checkpoint.restore_parts(run_dir, {k: v for k, v in parts.items() if v}, step)
     return parts
@@ -151,8 +151,8 @@ def base_parts(cfg: Config, mesh, run_dir: Path, step: int) -> dict:
 def merged_params(run_dir: str | Path, step: int | None = None):
     """(parameters in the base model's tree with LoRA factors merged, step) of a fine-tuning run: for export."""
     cfg = configs.load(Path(run_dir) / "config.yaml")
-    adapter = adapters.build(cfg.finetune, cfg.model, cfg.moe)
+    adapter = adapters.build(cfg.finetune, cfg.model)
     mesh = meshes.build_mesh(MeshConfig(devices=1))  # whatever mesh (and slices) the run trained on
-    lay = adapters.layout(adapter, cfg.model, optim.optimizer(cfg.train), mesh, cfg.moe)
+    lay = adapters.layout(adapter, cfg.model, optim.optimizer(cfg.train), mesh)
     params, step = checkpoint.restore_params(run_dir, lay.abstract.params, step)
     return adapter.merged(params), step

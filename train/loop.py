@@ -42,12 +42,11 @@ def prepare_run_dir(cfg: Config, tok) -> Path:
     run_dir = Path(cfg.run.dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
-        old = configs.to_dict(configs.load(saved))
-        new = configs.to_dict(cfg)
+        old, new = (configs.flat(configs.to_dict(c)) for c in (configs.load(saved), cfg))
+        where = ("run.", "mesh.", "launch.")  # where it runs is not what it is
         diffs = [
-            f"{section}.{key}: {old[section][key]!r} -> {new[section][key]!r}"
-            for section in new if section not in ("run", "mesh", "launch")  # where it runs is not what it is
-            for key in new[section] if old[section].get(key) != new[section][key]
+            f"{key}: {old.get(key)!r} -> {new[key]!r}"
+            for key in new if not key.startswith(where) and old.get(key) != new[key]
         ]
         if diffs:
             raise ConfigError(
@@ -93,8 +92,8 @@ def pretrain(cfg: Config) -> dict:
     run_dir = prepare_run_dir(cfg, tok)
 
     tx = optim.optimizer(cfg.train)
-    lay = states.layout(cfg.model, tx, mesh, cfg.moe)
-    train_step = steps.make_train_step(lay, tx, cfg.train, moe=cfg.moe)
+    lay = states.layout(cfg.model, tx, mesh)
+    train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
     eval_step = steps.make_eval_step(lay)
     batch_sharding = rules.batch_sharding(mesh)
     t, bs = cfg.data.seq_len, cfg.train.batch_size
@@ -110,7 +109,7 @@ def pretrain(cfg: Config) -> dict:
     ckpts = checkpoint.Checkpoints(run_dir, cfg.checkpoint)
     state = ckpts.resume(lay.abstract, data_iter)
     if state is None:
-        state = states.init_state(cfg.model, tx, lay, cfg.train.seed, cfg.moe)
+        state = states.init_state(cfg.model, tx, lay, cfg.train.seed)
     return run_loop(cfg, run_dir, tok, lay, state, train_step, eval_step, data_iter, val, ckpts)
 
 
@@ -135,7 +134,7 @@ def run_loop(
     preempted = False
 
     peak = cfg.train.peak_flops or devices.peak_flops_per_device()
-    flops_per_step = cfg.model.flops_per_token(t, cfg.moe) * bs * t  # active parameters
+    flops_per_step = cfg.model.flops_per_token(t) * bs * t  # active parameters
     log = metrics_io.MetricsLog(run_dir, enabled=pid == 0)
     schedule = optim.schedule(cfg.train)
     progress = tqdm(
@@ -170,7 +169,7 @@ def run_loop(
             window_start, window_steps = time.perf_counter(), 0
             postfix = {"loss": f"{out['train_loss']:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
             if "moe" in out:
-                row |= moe_stats.flatten(out["moe"], moe_stats.moe_layers(cfg.model, cfg.moe))
+                row |= moe_stats.flatten(out["moe"], moe_stats.moe_layers(cfg.model))
                 postfix["load_max/min"] = moe_stats.summary(row)
             progress.set_postfix(postfix, refresh=False)
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:

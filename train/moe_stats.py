@@ -12,15 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from podtrain.model.config import ModelConfig, MoEConfig  # noqa: E402
+from podtrain.model.config import ModelConfig  # noqa: E402
 from podtrain.train import metrics as metrics_io  # noqa: E402
 
 LOAD_PNG = "moe_load.png"
 _LOAD_KEY = re.compile(r"moe/layer(\d+)/load_e(\d+)$")
 
 
-def moe_layers(model: ModelConfig, moe: MoEConfig) -> list[int]:
-    return [i for i in range(model.num_layers) if moe.is_moe_layer(i)]
+def moe_layers(model: ModelConfig) -> list[int]:
+    return [i for i in range(model.num_layers) if model.moe.is_moe_layer(i)]
 
 
 def flatten(stats: dict, layers: list[int]) -> dict[str, float]:

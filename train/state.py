@@ -13,7 +13,6 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from podtrain.model import ModelConfig, Transformer
-from podtrain.model.config import MoEConfig
 from podtrain.parallel import rules
 
 BUFFERS = nnx.Not(nnx.Param)  # every other model variable (the MoE router bias)
@@ -42,21 +41,18 @@ class Layout:
         return self.state.params
 
 
-def _build(cfg: ModelConfig, key, moe: MoEConfig) -> Transformer:
+def _build(cfg: ModelConfig, key) -> Transformer:
     with nnx.use_eager_sharding(False):
-        return Transformer(cfg, rngs=nnx.Rngs(params=key), moe=moe)
+        return Transformer(cfg, rngs=nnx.Rngs(params=key))
 
 
-def abstract_model(cfg: ModelConfig, moe: MoEConfig | None = None) -> tuple:
-    """Abstract (graphdef, parameters) of a dense model; with `moe`, (graphdef, parameters, buffers)."""
-    graphdef, params, buffers = nnx.split(
-        nnx.eval_shape(lambda: _build(cfg, jax.random.key(0), moe or MoEConfig())), nnx.Param, BUFFERS
-    )
-    return (graphdef, params) if moe is None else (graphdef, params, buffers)
+def abstract_model(cfg: ModelConfig) -> tuple:
+    """Abstract (graphdef, parameters, buffers) of the model; buffers are empty for a dense model."""
+    return nnx.split(nnx.eval_shape(lambda: _build(cfg, jax.random.key(0))), nnx.Param, BUFFERS)
 
 
-def layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, moe: MoEConfig = MoEConfig()) -> Layout:
-    graphdef, abstract_vars, abstract_buffers = abstract_model(cfg, moe)
+def layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> Layout:
+    graphdef, abstract_vars, abstract_buffers = abstract_model(cfg)
     param_shardings = nnx.to_pure_dict(rules.state_shardings(abstract_vars, mesh))
     buffer_shardings = nnx.to_pure_dict(rules.state_shardings(abstract_buffers, mesh))
     abstract_params = nnx.to_pure_dict(abstract_vars)
@@ -72,11 +68,9 @@ def layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, moe: 
     return Layout(graphdef, mesh, shardings, abstract)
 
 
-def init_state(
-    cfg: ModelConfig, tx: optax.GradientTransformation, lay: Layout, seed: int, moe: MoEConfig = MoEConfig()
-) -> TrainState:
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, lay: Layout, seed: int) -> TrainState:
     def init(key):
-        _, params, buffers = nnx.split(_build(cfg, key, moe), nnx.Param, BUFFERS)
+        _, params, buffers = nnx.split(_build(cfg, key), nnx.Param, BUFFERS)
         params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
         return TrainState(params, tx.init(params), jax.numpy.zeros((), "int32"), rng_key(seed), buffers)
 

@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from podtrain.model import moe as moe_lib
-from podtrain.model.config import MoEConfig
+from podtrain.model.config import ModelConfig
 from podtrain.parallel import devices, rules
 from podtrain.train.config import TrainConfig
 from podtrain.train.state import Layout, TrainState
@@ -119,11 +119,11 @@ def _grads(graphdef, params, buffers, batch: Batch, cfg: TrainConfig, to_model=l
 
 
 def make_train_step(
-    lay: Layout, tx: optax.GradientTransformation, cfg: TrainConfig, materialize=None, *, moe: MoEConfig = MoEConfig()
+    lay: Layout, tx: optax.GradientTransformation, cfg: TrainConfig, model: ModelConfig, materialize=None
 ):
     """The jitted step. With materialize(train, frozen) -> model params (fine-tuning: train/finetune.py),
     state.params is {'train', 'frozen'}: only 'train' is differentiated and updated; 'frozen' passes through.
-    With MoE the router biases (state.buffers) move by moe.bias_update_rate, outside the gradient."""
+    With MoE the router biases (state.buffers) move by model.moe.bias_update_rate, outside the gradient."""
 
     def step(state: TrainState, batch: Batch):
         train, frozen = (state.params, None) if materialize is None else (state.params["train"], state.params["frozen"])
@@ -144,8 +144,8 @@ def make_train_step(
         metrics = {"train_loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
         buffers = state.buffers
         if stats:  # MoE: balancing outside the gradient, and what to log
-            if moe.bias_update_rate:
-                new = moe_lib.update_buffers(buffers, stats["load"], moe.bias_update_rate)
+            if model.moe.bias_update_rate:
+                new = moe_lib.update_buffers(buffers, stats["load"], model.moe.bias_update_rate)
                 buffers = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, buffers)
             metrics["moe"] = stats | {"bias": jax.tree.leaves(state.buffers)[0]}
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers), metrics

@@ -11,12 +11,6 @@ from podtrain.parallel import mesh as meshes, rules
 from podtrain.train.config import Config, ConfigError
 
 
-def num_experts(cfg: Config) -> int:
-    """Experts per MoE layer, 0 for a dense model (no `moe` section, or one without experts)."""
-    moe = getattr(cfg, "moe", None)
-    return int(getattr(moe, "num_experts", 0) or 0) if moe is not None else 0
-
-
 def build_mesh(cfg: Config, devices=None) -> Mesh:
     """The run's mesh, after every check that the config fits it."""
     available = len(devices) if devices is not None else jax.device_count()
@@ -25,6 +19,8 @@ def build_mesh(cfg: Config, devices=None) -> Mesh:
             f"mesh.devices={cfg.mesh.devices} is more than the {available} devices here; "
             f"set it to at most {available} (0: all)"
         )
+    if cfg.mesh.expert != -1:  # known before the mesh resolves it: named even where the devices cannot hold it
+        check_expert(cfg, cfg.mesh.expert * cfg.mesh.dcn_expert)
     try:
         mesh = meshes.build_mesh(cfg.mesh, devices)
     except ValueError as e:
@@ -55,7 +51,8 @@ def check_tensor(cfg: Config, tensor: int) -> None:
 
 
 def check_expert(cfg: Config, expert: int) -> None:
-    experts = num_experts(cfg)
+    """Experts are sharded over the `expert` mesh axis (ICI x DCN): its degree must divide E."""
+    experts = cfg.model.moe.num_experts
     if expert > 1 and experts == 0:
         raise ConfigError(
             f"mesh.expert x mesh.dcn_expert = {expert} but the model is dense (no experts); "
@@ -64,7 +61,7 @@ def check_expert(cfg: Config, expert: int) -> None:
     if experts and experts % expert:
         raise ConfigError(
             f"the expert-parallel degree {expert} (mesh.expert x mesh.dcn_expert) does not divide "
-            f"the {experts} experts; choose a degree that divides {experts}"
+            f"the {experts} experts of model.moe.num_experts={experts}; choose a degree that divides {experts}"
         )
 
 
