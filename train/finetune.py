@@ -21,7 +21,7 @@ from orbax.checkpoint import PyTreeCheckpointer
 from podtrain.data import packing, pipeline
 from podtrain.data import tokenizer as tokenizers
 from podtrain.parallel.config import MeshConfig
-from podtrain.parallel import distributed, mesh as meshes, rules
+from podtrain.parallel import devices, distributed, mesh as meshes, rules
 from podtrain.train import adapters, checkpoint, config as configs, loop, optim
 from podtrain.train import state as states, step as steps, validate
 from podtrain.train.config import Config, ConfigError
@@ -125,7 +125,9 @@ def load_data(cfg: Config, tok, pid: int, nproc: int):
 
 def finetune(cfg: Config) -> dict:
     """Fine-tune (or resume fine-tuning in run.dir). Returns loop.run_loop's figures and
-    'params': merged, in the base model's tree; 'base': RUN_DIR:STEP it started from."""
+    'params': merged, in the base model's tree; 'base': RUN_DIR:STEP it started from. Lays out
+    the CPU devices first, as pretrain does."""
+    devices.use_cpu_cores_for(cfg.mesh, cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.model.d_model)
     distributed.initialize()  # joins the job when a launcher started several processes
     mesh = validate.build_mesh(cfg)
     base_dir, base_step, tok = base_checkpoint(cfg)
