@@ -109,8 +109,9 @@ def _launch_local(args) -> int:
 
 def _export(args) -> None:
     from podtrain.interop import export
+    from podtrain.train import checkpoint
 
-    run_dir, step = export.parse_run(args.run)
+    run_dir, step = checkpoint.parse_run_spec(args.run)
     out = export.export(run_dir, args.out, fmt=args.format, step=step, max_shard_size=args.max_shard_size)
     print(f"exported {run_dir} ({args.format}) to {out}")
 

@@ -35,6 +35,14 @@ INVALID_DIRNAME = "checkpoints_invalid"
 BEST_METRIC = "val_loss"
 
 
+def parse_run_spec(spec: str) -> tuple[Path, int | None]:
+    """'RUN_DIR' or 'RUN_DIR:STEP' as (run dir, step or None); the step is digits after the last ':'."""
+    head, sep, tail = str(spec).rpartition(":")
+    if sep and tail.isdigit():
+        return Path(head), int(tail)
+    return Path(spec), None
+
+
 def _is_primary() -> bool:
     return jax.process_index() == 0
 

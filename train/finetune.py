@@ -30,8 +30,7 @@ from podtrain.train.config import Config, ConfigError
 def parse_init_from(value: str) -> tuple[Path, int | None]:
     if not value:
         raise ConfigError("finetune.init_from is empty: pass finetune.init_from=RUN_DIR or RUN_DIR:STEP")
-    head, sep, tail = value.rpartition(":")
-    run_dir, step = (Path(head), int(tail)) if sep and tail.isdigit() else (Path(value), None)
+    run_dir, step = checkpoint.parse_run_spec(value)
     run_dir = run_dir.expanduser().resolve()
     if not (run_dir / checkpoint.DIRNAME).is_dir():
         raise ConfigError(f"finetune.init_from={value}: {run_dir} holds no {checkpoint.DIRNAME}/ (not a podtrain run)")
