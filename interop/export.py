@@ -40,14 +40,6 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
-def parse_run(spec: str) -> tuple[Path, int | None]:
-    """'RUN_DIR' or 'RUN_DIR:STEP'."""
-    head, sep, tail = str(spec).rpartition(":")
-    if sep and tail.isdigit():
-        return Path(head), int(tail)
-    return Path(spec), None
-
-
 def _safetensors():
     try:
         import safetensors.numpy

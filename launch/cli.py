@@ -19,7 +19,6 @@ def _pretrain(args) -> None:
     from podtrain.train import config
 
     cfg = config.load(args.config, args.overrides)
-    _use_cpu_cores(cfg)
     from podtrain.train import loop  # slow to import (TensorBoard, Orbax): only once the config is good
 
     result = loop.pretrain(cfg)
@@ -32,7 +31,6 @@ def _finetune(args) -> int | None:
     from podtrain.train import config
 
     cfg = config.load(args.config, args.overrides)
-    _use_cpu_cores(cfg)
     from podtrain.train import finetune  # slow to import: only once the config is good
 
     result = finetune.finetune(cfg)
@@ -40,16 +38,6 @@ def _finetune(args) -> int | None:
         return _preempted(result)
     print(f"final val_loss {result['val_loss']:.4f} at step {result['step']} from {result['base']} "
           f"(run dir {result['run_dir']})")
-
-
-def _use_cpu_cores(cfg) -> None:
-    """On a CPU host, one JAX device per core (parallel/devices.py) before the backend starts; one
-    device for a large model, unless the mesh config asks for parallelism or a device count."""
-    from podtrain.parallel import devices
-
-    m = cfg.mesh
-    own = m.devices or any(d not in (-1, 1) for d in m.ici) or any(d != 1 for d in m.dcn)
-    devices.use_cpu_cores(cfg.train.batch_size // cfg.train.grad_accum_steps, None if own else cfg.model.d_model)
 
 
 def _preempted(result) -> int:
@@ -121,8 +109,9 @@ def _launch_local(args) -> int:
 
 def _export(args) -> None:
     from podtrain.interop import export
+    from podtrain.train import checkpoint
 
-    run_dir, step = export.parse_run(args.run)
+    run_dir, step = checkpoint.parse_run_spec(args.run)
     out = export.export(run_dir, args.out, fmt=args.format, step=step, max_shard_size=args.max_shard_size)
     print(f"exported {run_dir} ({args.format}) to {out}")
 

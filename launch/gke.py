@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from podtrain.launch import submit as submits
+from podtrain.launch.submission import JOB_CONFIG, Submission, job_config, resource_name
 from podtrain.plan import topology
 from podtrain.parallel import distributed
 from podtrain.train.config import Config
@@ -51,16 +51,16 @@ def _env(cfg: Config, name: str, sl: topology.Slice) -> list[dict]:
 def manifests(cfg: Config) -> list[dict]:
     """[ConfigMap, JobSet] for `cfg.launch` (see the module docstring)."""
     sl = topology.parse(cfg.launch.tpu_type, "launch.tpu_type")
-    name = submits.resource_name(cfg.launch.job_name)
+    name = resource_name(cfg.launch.job_name)
     ns = cfg.launch.namespace
     config_map = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": f"{name}-config", "namespace": ns},
-        "data": {submits.JOB_CONFIG: submits.job_config(cfg, tpu_slices=True)},
+        "data": {JOB_CONFIG: job_config(cfg, tpu_slices=True)},
     }
     # The process id needs arithmetic on two annotations; nothing user-given is in this line.
     start = (f"export {distributed.ENV_PROCESS_ID}=$((PODTRAIN_SLICE_INDEX * {sl.hosts} + PODTRAIN_HOST_INDEX)) && "
-             f"exec podtrain pretrain --config {CONFIG_DIR}/{submits.JOB_CONFIG}")
+             f"exec podtrain pretrain --config {CONFIG_DIR}/{JOB_CONFIG}")
     container = {
         "name": "podtrain",
         "image": cfg.launch.image,
@@ -105,11 +105,11 @@ def manifests(cfg: Config) -> list[dict]:
     return [config_map, jobset]
 
 
-def submission(cfg: Config, stage: Path) -> submits.Submission:
+def submission(cfg: Config, stage: Path) -> Submission:
     if not cfg.launch.image:
         from podtrain.train.config import ConfigError
 
         raise ConfigError("launch.image is empty: gke needs a container image with podtrain installed")
     path = stage / "jobset.yaml"
     text = yaml.safe_dump_all(manifests(cfg), sort_keys=False)
-    return submits.Submission({path: text}, [["kubectl", "apply", "-f", str(path)]], tool="kubectl")
+    return Submission({path: text}, [["kubectl", "apply", "-f", str(path)]], tool="kubectl")

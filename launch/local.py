@@ -13,8 +13,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+from podtrain.launch.submission import JOB_CONFIG, Submission, job_config
 from podtrain.parallel import distributed
+from podtrain.train.config import Config
 
 TERMINATE_GRACE_S = 10  # after SIGTERM, how long a process may take before SIGKILL
 POLL_S = 0.2
@@ -110,3 +113,13 @@ class LocalJob:
 def launch(args: list[str], processes: int, devices_per_process: int, out=None) -> int:
     """Run `podtrain <args>` as `processes` processes of one JAX job; 0, or the first failure's code."""
     return LocalJob(args, processes, devices_per_process, out).wait()
+
+
+def submission(cfg: Config, stage: Path) -> Submission:
+    """`podtrain submit --target local`: `podtrain launch local` of the staged job config."""
+    path = stage / JOB_CONFIG
+    cmd = [sys.executable, "-m", "podtrain.launch.cli", "launch", "local",
+           "--processes", str(cfg.launch.local_processes),
+           "--devices-per-process", str(cfg.launch.local_devices_per_process),
+           "--", "pretrain", "--config", str(path)]
+    return Submission({path: job_config(cfg)}, [cmd], tool=sys.executable)

@@ -10,7 +10,7 @@ import re
 import shlex
 from pathlib import Path
 
-from podtrain.launch import submit as submits
+from podtrain.launch.submission import JOB_CONFIG, Submission, job_config, resource_name
 from podtrain.train.config import Config, ConfigError
 
 # #SBATCH lines are read by sbatch, not a shell: only plain values go there.
@@ -27,7 +27,7 @@ def _check(cfg: Config) -> None:
 def script(cfg: Config, config_path: Path) -> str:
     _check(cfg)
     lc = cfg.launch
-    name = submits.resource_name(lc.job_name)
+    name = resource_name(lc.job_name)
     directives = [
         f"--job-name={name}",
         f"--nodes={lc.slurm_nodes}",
@@ -49,8 +49,8 @@ def script(cfg: Config, config_path: Path) -> str:
     ]) + "\n"
 
 
-def submission(cfg: Config, stage: Path) -> submits.Submission:
-    config_path = stage / submits.JOB_CONFIG
+def submission(cfg: Config, stage: Path) -> Submission:
+    config_path = stage / JOB_CONFIG
     sbatch = stage / "job.sbatch"
-    files = {config_path: submits.job_config(cfg), sbatch: script(cfg, config_path.resolve())}
-    return submits.Submission(files, [["sbatch", str(sbatch)]], tool="sbatch")
+    files = {config_path: job_config(cfg), sbatch: script(cfg, config_path.resolve())}
+    return Submission(files, [["sbatch", str(sbatch)]], tool="sbatch")

@@ -17,7 +17,7 @@ ids from the TPU metadata).
 import shlex
 from pathlib import Path
 
-from podtrain.launch import submit as submits
+from podtrain.launch.submission import JOB_CONFIG, SOURCES, Submission, job_config, repo_root, resource_name
 from podtrain.plan import topology
 from podtrain.train.config import Config
 
@@ -40,7 +40,7 @@ def worker_command(cfg: Config) -> str:
         f"cd {REMOTE_DIR}",
         "python3 -m pip install -q -e '.[tpu]'",
         f"PODTRAIN_DISTRIBUTED=auto PODTRAIN_JOB_NAME={shlex.quote(cfg.launch.job_name)} "
-        f"python3 -m podtrain.launch.cli pretrain --config {shlex.quote(submits.JOB_CONFIG)}",
+        f"python3 -m podtrain.launch.cli pretrain --config {shlex.quote(JOB_CONFIG)}",
     ])
 
 
@@ -54,12 +54,12 @@ def wait_until_active(group: list[str], name: str, where: list[str]) -> list[str
     )]
 
 
-def submission(cfg: Config, stage: Path) -> submits.Submission:
+def submission(cfg: Config, stage: Path) -> Submission:
     sl = topology.parse(cfg.launch.tpu_type, "launch.tpu_type")
-    name = submits.resource_name(cfg.launch.job_name)
+    name = resource_name(cfg.launch.job_name)
     where = _where(cfg)
-    config_file = stage / submits.JOB_CONFIG
-    sources = [str(submits.repo_root() / s) for s in submits.SOURCES] + [str(config_file)]
+    config_file = stage / JOB_CONFIG
+    sources = [str(repo_root() / s) for s in SOURCES] + [str(config_file)]
     if cfg.launch.num_slices == 1:
         group = ["gcloud", "compute", "tpus", "tpu-vm"]
         create = [*group, "create", name, f"--accelerator-type={sl.accelerator_type}",
@@ -78,4 +78,4 @@ def submission(cfg: Config, stage: Path) -> submits.Submission:
         [*group, "scp", "--recurse", *sources, f"{name}:{REMOTE_DIR}/", *workers, *where],
         [*group, "ssh", name, *workers, *where, f"--command={worker_command(cfg)}"],
     ]
-    return submits.Submission({config_file: submits.job_config(cfg, tpu_slices=True)}, commands, tool="gcloud")
+    return Submission({config_file: job_config(cfg, tpu_slices=True)}, commands, tool="gcloud")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from podtrain.parallel import distributed
+from podtrain.parallel.config import MeshConfig
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' published specifications.
 PUBLISHED_PEAK = {
@@ -102,17 +103,34 @@ def use_cpu_cores(batch_size: int | None = None, d_model: int | None = None, env
     (train.step compiles for that), the same program the sharded path runs on a pod. Uses the
     largest core count dividing batch_size (None: every core). A model of d_model >=
     ONE_DEVICE_FROM_D_MODEL gets one device instead (pass d_model only where the mesh config asks
-    for no parallelism of its own). A count the user set (XLA_FLAGS
+    for no parallelism of its own: use_cpu_cores_for). A count the user set (XLA_FLAGS
     --xla_force_host_platform_device_count, jax_num_cpu_devices, a launcher) is left alone.
-    Call before anything initializes a JAX backend. Returns the CPU device count it asked for
-    (0: left alone). Accelerator backends are unaffected: the CPU client is not the default there.
+    Call before anything initializes a JAX backend: once one runs, its device count stays (JAX's
+    config validator rejects a new jax_num_cpu_devices with a RuntimeError) and this does nothing.
+    Returns the CPU device count it asked for (0: left alone). Accelerator backends are
+    unaffected: the CPU client is not the default there.
     """
     if _cpu_count_set_by_user(environ) or environ.get(distributed.ENV_COORDINATOR):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n = cpu_device_count(batch_size, cores, d_model)
-    jax.config.update("jax_num_cpu_devices", n)
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # a backend is running: its device count stays
+        return 0
     return n
+
+
+def use_cpu_cores_for(mesh: MeshConfig, batch_size: int, d_model: int, environ=os.environ) -> int:
+    """use_cpu_cores for a run of `batch_size` rows per step (per micro-batch) on `mesh`.
+
+    A mesh config that asks for a device count or a parallelism degree of its own gets one device
+    per core whatever the model; otherwise the model's d_model decides (one device from
+    ONE_DEVICE_FROM_D_MODEL). pretrain and finetune call it first thing, so a run from Python
+    lays out the CPU like `podtrain pretrain`.
+    """
+    own = mesh.devices or any(d not in (-1, 1) for d in mesh.ici) or any(d != 1 for d in mesh.dcn)
+    return use_cpu_cores(batch_size, None if own else d_model, environ)
 
 
 def cpu_device_count(batch_size: int | None, cores: int, d_model: int | None = None) -> int:

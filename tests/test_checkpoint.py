@@ -210,3 +210,14 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_checkpoints_intact
     # the skipped steps left the parameters of step 1 untouched
     assert len({r["params_digest"] for r in listed}) == 1 and listed[0]["step"] == 1
     assert max(r["step"] for r in listed) >= 3
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("runs/a", (Path("runs/a"), None)),
+    ("runs/a:12", (Path("runs/a"), 12)),
+    ("runs/a:b", (Path("runs/a:b"), None)),  # not a step: part of the directory name
+    ("runs/a:5:7", (Path("runs/a:5"), 7)),
+    ("runs/a:", (Path("runs/a:"), None)),
+])
+def test_run_specs_split_at_the_last_colon_before_a_step(spec, want):
+    assert checkpoint.parse_run_spec(spec) == want

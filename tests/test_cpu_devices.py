@@ -1,5 +1,6 @@
-"""On a CPU host `podtrain pretrain` makes each core a JAX device (parallel/devices.py); steps
-compiled for several CPU devices in one process run their ops single-threaded."""
+"""On a CPU host pretraining (`podtrain pretrain` or `pretrain(cfg)`) makes each core a JAX device
+(parallel/devices.py); steps compiled for several CPU devices in one process run their ops
+single-threaded."""
 
 import os
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from podtrain.parallel import devices
+from podtrain.train import config as configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = len(os.sched_getaffinity(0))
@@ -25,10 +27,11 @@ def fresh_process(code: str, **env) -> str:
     return result.stdout.split()
 
 
-PROBE = "from parallel import devices; n = devices.use_cpu_cores({}); import jax; print(n, jax.device_count())"
-CLI_PROBE = (
-    "from launch import cli; from train import config; "
-    f"cli._use_cpu_cores(config.load({os.path.join(ROOT, 'configs', 'shakespeare_char.yaml')!r}, OVERRIDES)); "
+PROBE = "from podtrain.parallel import devices; n = devices.use_cpu_cores({}); import jax; print(n, jax.device_count())"
+RULE_PROBE = (
+    "from podtrain.parallel import devices; from podtrain.train import config; "
+    f"cfg = config.load({os.path.join(ROOT, 'configs', 'shakespeare_char.yaml')!r}, OVERRIDES); "
+    "devices.use_cpu_cores_for(cfg.mesh, cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.model.d_model); "
     "import jax; print(jax.device_count())"
 )
 
@@ -55,8 +58,27 @@ def test_a_large_model_gets_one_device():
     (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.devices=2"], "per core"),
 ])
 def test_pretrain_picks_the_layout_from_the_model_unless_the_mesh_asks(overrides, want):
-    code = CLI_PROBE.replace("OVERRIDES", repr(overrides))
+    code = RULE_PROBE.replace("OVERRIDES", repr(overrides))
     assert fresh_process(code) == [PER_CORE_12 if want == "per core" else want]
+
+
+@pytest.mark.slow  # two training runs in fresh interpreters
+@pytest.mark.skipif(CORES < 2, reason="needs 2 cores: on one core every layout is one device")
+def test_pretrain_from_python_lays_out_the_cpu_like_the_cli(tiny_config, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    cfg = tiny_config("mesh.devices=0", "train.steps=1", "train.eval_every=1", "data.eval_batches=1")
+    config.write_text(configs.dump(cfg))  # mesh.devices=0: the layout is left to the rule
+    cli_args = ["pretrain", "--config", str(config), f"run.dir={tmp_path / 'cli'}"]
+    library_overrides = [f"run.dir={tmp_path / 'library'}"]
+    cli_run = (
+        f"import jax; from podtrain.launch import cli; assert cli.main({cli_args!r}) == 0; print(jax.device_count())"
+    )
+    library_run = (
+        "import jax; from podtrain.train import config, loop; "
+        f"loop.pretrain(config.load({str(config)!r}, {library_overrides!r})); print(jax.device_count())"
+    )
+    per_core = str(max(d for d in range(1, CORES + 1) if 8 % d == 0))  # the tiny config's batch is 8
+    assert fresh_process(cli_run)[-1] == fresh_process(library_run)[-1] == per_core
 
 
 @pytest.mark.parametrize("env", [
@@ -67,6 +89,11 @@ def test_a_count_set_elsewhere_is_left_alone(env):
     n, count = fresh_process(PROBE.format(12), **env)
     assert n == "0"
     assert count == ("3" if "XLA_FLAGS" in env else "1")
+
+
+def test_a_running_backend_keeps_its_count():
+    code = "import jax; jax.devices(); " + PROBE.format(12)  # the caller used JAX first
+    assert fresh_process(code) == ["0", "1"]
 
 
 def test_several_cpu_devices_compile_single_threaded():

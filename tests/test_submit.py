@@ -5,12 +5,13 @@ import os
 import re
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from podtrain.launch import cli, gke, slurm, submit as submits, tpu_vm
+from podtrain.launch import cli, gke, slurm, submission, submit as submits, tpu_vm
 from podtrain.plan import topology
 from podtrain.train import config as configs
 
@@ -49,7 +50,7 @@ def _calls(log: Path) -> list[list[str]]:
 
 @pytest.mark.parametrize("name", [EVIL, "Llama 3 8B!", "123abc", "---", "A" * 100, "ok-name"])
 def test_resource_names_are_valid_dns_1035_labels(name):
-    slug = submits.resource_name(name)
+    slug = submission.resource_name(name)
     assert DNS_1035.fullmatch(slug) and len(slug) <= 40, slug
 
 
@@ -67,7 +68,7 @@ def test_topology_names():
 def test_jobset_fields():
     cfg = _with_name(_cfg("launch.num_slices=2", "launch.namespace=team-a"), EVIL)
     config_map, jobset = yaml.safe_load_all(yaml.safe_dump_all(gke.manifests(cfg)))
-    name = submits.resource_name(EVIL)
+    name = submission.resource_name(EVIL)
     assert DNS_1035.fullmatch(jobset["metadata"]["name"]) and jobset["metadata"]["name"] == name
     assert jobset["metadata"]["namespace"] == "team-a"
     assert jobset["metadata"]["annotations"]["podtrain/job-name"] == EVIL  # survives YAML verbatim
@@ -87,7 +88,7 @@ def test_jobset_fields():
     assert env["MEGASCALE_NUM_SLICES"] == "2" and env["MEGASCALE_COORDINATOR_ADDRESS"] == f"{name}-slice-0-0.{name}"
     assert env["PODTRAIN_JOB_NAME"] == EVIL
     # the mounted config is the run's config, with the slices joined over DCN
-    shipped = configs.from_dict(yaml.safe_load(config_map["data"][submits.JOB_CONFIG]))
+    shipped = configs.from_dict(yaml.safe_load(config_map["data"][submission.JOB_CONFIG]))
     assert shipped == configs.replace(cfg, mesh={"dcn_data": 2})
     assert pod["volumes"][0]["configMap"]["name"] == config_map["metadata"]["name"]
 
@@ -102,7 +103,7 @@ def test_jobset_process_ids(tmp_path):
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PODTRAIN_SLICE_INDEX": "1",
            "PODTRAIN_HOST_INDEX": "3"}
     out = subprocess.run(container["command"], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["35", "pretrain", "--config", f"{gke.CONFIG_DIR}/{submits.JOB_CONFIG}"]
+    assert out.split() == ["35", "pretrain", "--config", f"{gke.CONFIG_DIR}/{submission.JOB_CONFIG}"]
 
 
 def test_sbatch_script_fields_and_inert_name(tmp_path):
@@ -114,8 +115,8 @@ def test_sbatch_script_fields_and_inert_name(tmp_path):
     directives = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in text.splitlines()
                       if line.startswith("#SBATCH"))
     assert directives == {
-        "job-name": submits.resource_name(EVIL), "nodes": "4", "ntasks-per-node": "8", "gpus-per-node": "8",
-        "time": "2-00:00:00", "output": f"{submits.resource_name(EVIL)}-%j.out", "partition": "gpu_h100",
+        "job-name": submission.resource_name(EVIL), "nodes": "4", "ntasks-per-node": "8", "gpus-per-node": "8",
+        "time": "2-00:00:00", "output": f"{submission.resource_name(EVIL)}-%j.out", "partition": "gpu_h100",
     }
     assert sub.commands == [["sbatch", str(sbatch_path)]]
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
@@ -129,7 +130,7 @@ def test_sbatch_script_fields_and_inert_name(tmp_path):
     assert (tmp_path / "name.txt").read_text() == EVIL
     assert not list(tmp_path.glob("PWNED*"))
     [call] = _calls(log)
-    assert call[call.index("--config") + 1] == str((submits.stage_dir(cfg) / submits.JOB_CONFIG).resolve())
+    assert call[call.index("--config") + 1] == str((submits.stage_dir(cfg) / submission.JOB_CONFIG).resolve())
     assert call[:5] == ["--kill-on-bad-exit=1", "python3", "-m", "podtrain.launch.cli", "pretrain"]
 
 
@@ -193,10 +194,10 @@ def test_tpu_vm_dry_run_is_the_script_that_runs(tmp_path, slices):
     calls = [["gcloud", *c] for c in _calls(log)]
     describes = [c for c in calls if c[4] == "describe"]
     assert [c for c in calls if c not in describes] == [c for c in sub.commands if c[0] == "gcloud"]
-    written = (tmp_path / submits.stage_dir(cfg) / submits.JOB_CONFIG).read_text()
-    assert written == submits.job_config(cfg, tpu_slices=True)
+    written = (tmp_path / submits.stage_dir(cfg) / submission.JOB_CONFIG).read_text()
+    assert written == submission.job_config(cfg, tpu_slices=True)
 
-    name = submits.resource_name(EVIL)
+    name = submission.resource_name(EVIL)
     group = "tpu-vm" if slices == 1 else "queued-resources"
     steps = [_check_documented(c) for c in calls]
     assert [p[3] for p, _ in steps] == ["create", *["describe"] * (slices > 1), "ssh", "scp", "ssh"]
@@ -221,11 +222,20 @@ def test_tpu_vm_dry_run_is_the_script_that_runs(tmp_path, slices):
     assert not list(tmp_path.rglob("PWNED*"))
 
 
+def test_tpu_vm_workers_get_every_package_folder():
+    """What a worker installs from: every folder pyproject.toml maps into the package, the build
+    files, the shipped configs; each one exists in this checkout."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = set(project["tool"]["setuptools"]["package-dir"].values())
+    assert folders | {"pyproject.toml", "README.md", "configs"} == set(submission.SOURCES)
+    assert all((submission.repo_root() / s).exists() for s in submission.SOURCES)
+
+
 @pytest.mark.parametrize("state, code", [("FAILED", 1), ("ACTIVE", 0)])
 def test_queued_resource_wait_stops_on_failure(tmp_path, state, code):
     """Multi-slice: nothing is copied until the queued resource is ACTIVE; a FAILED one stops the script."""
     cfg = _cfg("launch.num_slices=2", "launch.zone=us-east5-a")
-    name = submits.resource_name(cfg.launch.job_name)
+    name = submission.resource_name(cfg.launch.job_name)
     wait = tpu_vm.wait_until_active(["gcloud", "compute", "tpus", "queued-resources"], name, ["--zone=us-east5-a"])
     assert submits.build(cfg, "tpu-vm").commands[1] == wait  # right after create
     (tmp_path / "gcloud").write_text(f"#!/usr/bin/env bash\necho {state}\n")
@@ -293,4 +303,4 @@ def test_submit_local_runs_a_two_process_training(tmp_path, monkeypatch, tfds_di
     assert "[p0]" in out and "[p1]" in out
     rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == 4
-    assert (tmp_path / submits.STAGE_ROOT / "local-two" / submits.JOB_CONFIG).exists()
+    assert (tmp_path / submits.STAGE_ROOT / "local-two" / submission.JOB_CONFIG).exists()

@@ -21,10 +21,10 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX
 
+from podtrain.parallel import distributed
 from podtrain.train import integrity
 from podtrain.train.config import CheckpointConfig
 from podtrain.train.integrity import CorruptCheckpointWarning
@@ -35,13 +35,16 @@ INVALID_DIRNAME = "checkpoints_invalid"
 BEST_METRIC = "val_loss"
 
 
+def parse_run_spec(spec: str) -> tuple[Path, int | None]:
+    """'RUN_DIR' or 'RUN_DIR:STEP' as (run dir, step or None); the step is digits after the last ':'."""
+    head, sep, tail = str(spec).rpartition(":")
+    if sep and tail.isdigit():
+        return Path(head), int(tail)
+    return Path(spec), None
+
+
 def _is_primary() -> bool:
     return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _preservation(keep: int):
@@ -99,9 +102,6 @@ class Checkpoints:
             force=True,  # our own policy decides when to save
         )
 
-    def wait(self) -> None:
-        self.mngr.wait_until_finished()
-
     def close(self) -> None:
         self.mngr.close()
 
@@ -127,15 +127,7 @@ class Checkpoints:
                 while dest.exists():
                     dest = dest.with_name(dest.name + "_")
                 status.path.rename(dest)
-        _sync("podtrain_checkpoint_scan")
-
-    def valid_steps(self) -> list[int]:
-        """Every valid step, oldest first (hashes every step: use newest_valid to resume)."""
-        steps, _ = integrity.scan(self.root)
-        for status in steps:
-            if not status.valid:
-                _warn(f"checkpoint step {status.step} is invalid ({status.problem}); skipping it")
-        return [s.step for s in steps if s.valid]
+        distributed.barrier("podtrain_checkpoint_scan")
 
     def newest_valid(self) -> int | None:
         """The newest step whose files match its manifest (older steps are not read)."""

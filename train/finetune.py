@@ -19,7 +19,7 @@ from orbax.checkpoint import PyTreeCheckpointer
 
 from podtrain.data import packing, pipeline, splits, tokenizer
 from podtrain.parallel.config import MeshConfig
-from podtrain.parallel import distributed, mesh as meshes, rules
+from podtrain.parallel import devices, distributed, mesh as meshes, rules
 from podtrain.train import adapters, checkpoint, config as configs, loop, optim
 from podtrain.train import state as states, step as steps, validate
 from podtrain.train.config import Config, ConfigError
@@ -28,8 +28,7 @@ from podtrain.train.config import Config, ConfigError
 def parse_init_from(value: str) -> tuple[Path, int | None]:
     if not value:
         raise ConfigError("finetune.init_from is empty: pass finetune.init_from=RUN_DIR or RUN_DIR:STEP")
-    head, sep, tail = value.rpartition(":")
-    run_dir, step = (Path(head), int(tail)) if sep and tail.isdigit() else (Path(value), None)
+    run_dir, step = checkpoint.parse_run_spec(value)
     run_dir = run_dir.expanduser().resolve()
     if not (run_dir / checkpoint.DIRNAME).is_dir():
         raise ConfigError(f"finetune.init_from={value}: {run_dir} holds no {checkpoint.DIRNAME}/ (not a podtrain run)")
@@ -111,7 +110,9 @@ def load_data(cfg: Config, tok, pid: int, nproc: int):
 
 def finetune(cfg: Config) -> dict:
     """Fine-tune (or resume fine-tuning in run.dir). Returns loop.run_loop's figures and
-    'params': merged, in the base model's tree; 'base': RUN_DIR:STEP it started from."""
+    'params': merged, in the base model's tree; 'base': RUN_DIR:STEP it started from. Lays out
+    the CPU devices first, as pretrain does."""
+    devices.use_cpu_cores_for(cfg.mesh, cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.model.d_model)
     distributed.initialize()  # joins the job when a launcher started several processes
     mesh = validate.build_mesh(cfg)
     base_dir, base_step, tok = base_checkpoint(cfg)

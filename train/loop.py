@@ -83,8 +83,10 @@ def evaluate(eval_step, params, batches, buffers=None) -> float:
 def pretrain(cfg: Config) -> dict:
     """Train from scratch, or resume from run.dir's newest valid checkpoint. Returns final figures.
 
-    On SIGTERM: finishes the current step, saves it and returns with 'preempted': True.
+    On SIGTERM: finishes the current step, saves it and returns with 'preempted': True. On a CPU
+    host it first makes the cores JAX devices (parallel/devices.py), unless a backend already runs.
     """
+    devices.use_cpu_cores_for(cfg.mesh, cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.model.d_model)
     distributed.initialize()  # joins the job when a launcher started several processes
     mesh = validate.build_mesh(cfg)
     tok, tokens = load_data(cfg)

@@ -43,12 +43,6 @@ def _loss_and_weight_sums(logits_BTV, targets_BT, weights_BT=None):
     return sums[0], sums[1]
 
 
-def apply(graphdef, params, batch: Batch):
-    """Logits of a batch; packed batches carry 'segment_ids' and 'positions' (data/jsonl.py)."""
-    model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"))[0]
-
-
 def apply_with_stats(graphdef, params, batch: Batch, buffers=None, train: bool = True):
     """(logits, MoE routing statistics ({} for a dense model)); buffers: the MoE router bias;
     train=False selects the eval capacity factor."""
