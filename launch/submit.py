@@ -10,6 +10,7 @@ from pathlib import Path
 
 from podtrain.launch import gke, local, slurm, tpu_vm
 from podtrain.launch.submission import Submission, resource_name
+from podtrain.train import validate
 from podtrain.train.config import Config, ConfigError
 
 TARGETS = {"tpu-vm": tpu_vm, "gke": gke, "slurm": slurm, "local": local}
@@ -23,6 +24,7 @@ def stage_dir(cfg: Config) -> Path:
 def build(cfg: Config, target: str) -> Submission:
     if target not in TARGETS:
         raise ConfigError(f"--target={target!r} is not one of {', '.join(TARGETS)}")
+    validate.check_degrees(cfg)
     return TARGETS[target].submission(cfg, stage_dir(cfg))
 
 

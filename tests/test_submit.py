@@ -304,3 +304,14 @@ def test_submit_local_runs_a_two_process_training(tmp_path, monkeypatch, tfds_di
     rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == 4
     assert (tmp_path / submits.STAGE_ROOT / "local-two" / submission.JOB_CONFIG).exists()
+
+
+def test_an_expert_degree_that_does_not_divide_the_experts_is_refused_before_submitting(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "configs" / "shakespeare_moe.yaml"
+    for target in ("tpu-vm", "gke", "slurm", "local"):
+        code = cli.main(["submit", "--target", target, "--config", str(config), "--dry-run", "launch.image=x",
+                         "mesh.expert=3"])
+        err = capsys.readouterr().err
+        assert code == 2 and "model.moe.num_experts=8" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / submits.STAGE_ROOT).exists()

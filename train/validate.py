@@ -19,14 +19,20 @@ def build_mesh(cfg: Config, devices=None) -> Mesh:
             f"mesh.devices={cfg.mesh.devices} is more than the {available} devices here; "
             f"set it to at most {available} (0: all)"
         )
-    if cfg.mesh.expert != -1:  # known before the mesh resolves it: named even where the devices cannot hold it
-        check_expert(cfg, cfg.mesh.expert * cfg.mesh.dcn_expert)
+    check_degrees(cfg)
     try:
         mesh = meshes.build_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check(cfg, mesh)
     return mesh
+
+
+def check_degrees(cfg: Config) -> None:
+    """The checks that the configured degrees allow before any device is seen (a -1 degree waits
+    for the mesh): `submit` runs them on the submitting machine, `build_mesh` before building."""
+    if cfg.mesh.expert != -1:
+        check_expert(cfg, cfg.mesh.expert * cfg.mesh.dcn_expert)
 
 
 def check(cfg: Config, mesh: Mesh) -> None:
