@@ -35,7 +35,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: str = "auto"  # auto: lax.scan on TPU/GPU, unrolled on CPU
     remat: str = "none"
-    attention_blocks: int = 0  # causal query blocks (model/transformer.py: attend); 0 = auto
+    attention_blocks: int = 0  # causal query blocks (model/kernels.py: attention); 0 = auto
 
     def __post_init__(self):
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
