@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
-from podtrain.model import axes
+from podtrain.model import axes, kernels
 from podtrain.model.config import ModelConfig, MoEConfig
 
 F32 = jnp.float32
@@ -242,13 +242,13 @@ def expert_ffn(x_RD: jax.Array, w: dict, lay: Layout) -> jax.Array:
     """SwiGLU of every buffer row with its expert's weights {'gate','up': EDF, 'down': EFD}."""
     gate_RF = layout_matmul(x_RD, w["gate"], lay)
     up_RF = layout_matmul(x_RD, w["up"], lay)
-    return layout_matmul(jax.nn.silu(gate_RF) * up_RF, w["down"], lay)
+    return layout_matmul(kernels.swiglu(gate_RF, up_RF), w["down"], lay)
 
 
-def swiglu(x_TD: jax.Array, w: dict) -> jax.Array:
-    """One dense SwiGLU {'gate','up': DF, 'down': FD} (the shared experts)."""
-    h_TF = jax.nn.silu(x_TD @ w["gate"]) * (x_TD @ w["up"])
-    return h_TF @ w["down"]
+def shared_ffn(x_BTD: jax.Array, w: dict) -> jax.Array:
+    """The shared experts: one dense SwiGLU FFN {'gate','up': DF, 'down': FD} that every token runs."""
+    h_BTF = kernels.swiglu(x_BTD @ w["gate"], x_BTD @ w["up"])
+    return h_BTF @ w["down"]
 
 
 def run_experts(rows_MD: jax.Array, w: dict, lay: Layout) -> jax.Array:
@@ -417,7 +417,7 @@ class MoE(nnx.Module):
             dt = self.dtype
             w = {"gate": self.shared_gate[...].astype(dt), "up": self.shared_up[...].astype(dt),
                  "down": self.shared_down[...].astype(dt)}
-            y_BTD = y_BTD + swiglu(x_BTD, w)
+            y_BTD = y_BTD + shared_ffn(x_BTD, w)
         return y_BTD, stats
 
 
