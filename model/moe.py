@@ -34,7 +34,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd
 
 from podtrain.model import axes, kernels
 from podtrain.model.config import ModelConfig, MoEConfig
@@ -425,13 +424,11 @@ class MoE(nnx.Module):
 def _mesh_axes():
     """(batch mesh axes, expert mesh axis) from the logical rules and context mesh; (None, None)
     when there is no mesh (one device, tests)."""
-    rules = dict(spmd.get_logical_axis_rules())
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
+    resolved = axes.mesh_axes((axes.ACT_BATCH, axes.ACT_EXP))
+    if resolved is None or jax.sharding.get_abstract_mesh().empty:
         return None, None
-    batch = rules.get(axes.ACT_BATCH)
-    batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
-    return batch, rules.get(axes.ACT_EXP)
+    batch, expert = resolved
+    return axes.axis_group(batch), expert
 
 
 def update_router_bias(bias_LE: jax.Array, load_LE: jax.Array, rate: float) -> jax.Array:
