@@ -1,8 +1,9 @@
 """Logical axis names for parameters and activations, and the activation constraint hook.
 
 `model/` only names axes; `parallel/rules.py` maps the names to mesh axes. The mapping is
-installed with `flax.nnx.logical_axis_rules(...)` around tracing; without it `constrain` is a
-no-op, so the model runs unchanged on one device and in tests.
+installed with `flax.nnx.logical_axis_rules(...)` around tracing; `mesh_axes` is the model's one
+reading of it. Without rules `constrain` is a no-op, so the model runs unchanged on one device and
+in tests.
 """
 
 import math
@@ -33,20 +34,39 @@ ACT_VOCAB = "act_vocab"
 ACT_EXP = "act_exp"
 
 
+# The mesh axes of one dimension as the rules write them: one mesh axis, a tuple of them, or None.
+MeshAxes = str | tuple[str, ...] | None
+
+
+def mesh_axes(names: tuple[str | None, ...]) -> tuple[MeshAxes, ...] | None:
+    """The mesh axes each logical name maps to under the installed rules; None without rules.
+
+    Resolved by `flax.core.spmd.from_sharding_rules`, as NNX resolves a Variable's `out_sharding`
+    under the same rules: None stays None, a name the rules do not list passes through unchanged.
+    """
+    rules = spmd.get_logical_axis_rules()
+    if not rules:
+        return None
+    return tuple(spmd.from_sharding_rules(tuple(names), rules))
+
+
+def axis_group(axes: MeshAxes) -> tuple[str, ...]:
+    """`axes` as a tuple of mesh axis names: None -> (), 'tensor' -> ('tensor',)."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pin the sharding of activation `x` by logical axis names (no-op without rules).
 
     A dimension whose mesh degree does not divide it (2 kv heads on tensor=4, a vocab of 65) is
     left to the compiler (unconstrained) rather than padded.
     """
-    rules = dict(spmd.get_logical_axis_rules())
-    if not rules:
+    resolved = mesh_axes(names)
+    if resolved is None:
         return x
     mesh_shape = jax.sharding.get_abstract_mesh().shape
     spec = []
-    for name, dim in zip(names, x.shape):
-        axes = rules.get(name) if name else None
-        group = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh_shape.get(a, 1) for a in group)
+    for axes, dim in zip(resolved, x.shape):
+        size = math.prod(mesh_shape.get(a, 1) for a in axis_group(axes))
         spec.append(axes if dim % size == 0 else P.UNCONSTRAINED)
     return jax.lax.with_sharding_constraint(x, P(*spec))

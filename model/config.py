@@ -109,7 +109,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: str = "auto"  # auto: lax.scan on TPU/GPU, unrolled on CPU
     remat: str = "none"
-    attention_blocks: int = 0  # causal query blocks (model/transformer.py: attend); 0 = auto
+    attention_blocks: int = 0  # causal query blocks (model/kernels.py: attention); 0 = auto
     moe: MoEConfig = MoEConfig()  # num_experts=0: every MLP dense
 
     def __post_init__(self):

@@ -4,12 +4,12 @@ A token's k (token, expert) *pairs* flow through one pipeline shared by every pa
 
   route      fp32 router: top-k experts and weights per token (softmax_topk | sigmoid_bias)
   dispatch   each pair gets a destination row in an expert-major buffer (`dest_M`); rows past
-             the buffer are dropped. Three layouts:
+             the buffer are dropped (a `Dispatch`). Three kinds:
                ragged   rows sorted by expert, one group per expert   (dropless, jax.lax.ragged_dot)
                blocked  like ragged, each expert's group padded to whole blocks of `block_size`
                         rows, every block owned by one expert         (dropless, CPU)
                capacity (E, C) slots per sequence, C = ceil(cf * T * k / E)
-  experts    SwiGLU over the buffer with the layout's matmul
+  experts    SwiGLU over the buffer with the dispatch kind's matmul (`expert_matmul`)
   combine    gather each pair's output row, weight it, sum a token's k pairs
 
 Capacity drop rule: within each sequence, pairs claim an expert's C slots in position order,
@@ -34,9 +34,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd
 
-from podtrain.model import axes
+from podtrain.model import axes, kernels
 from podtrain.model.config import ModelConfig, MoEConfig
 
 F32 = jnp.float32
@@ -117,8 +116,9 @@ def gather_rows(buf_RD: jax.Array, dest_M: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where each pair's row goes, and how the expert matmul reads the buffer."""
+class Dispatch:
+    """The dispatch of a batch's pairs: where each pair's row goes in the expert buffer, and how
+    the expert matmul reads the buffer."""
 
     dest_M: jax.Array  # int32; >= n_rows: dropped
     n_rows: int
@@ -130,16 +130,16 @@ class Layout:
     num_experts: int = 0  # capacity
 
 
-def ragged_layout(expert_M: jax.Array, num_experts: int) -> Layout:
+def ragged_dispatch(expert_M: jax.Array, num_experts: int) -> Dispatch:
     """Rows sorted by expert. expert_M == num_experts marks a pair to skip (it goes last)."""
     rank_M, sizes = rank_in_group(expert_M, num_experts + 1)
     starts = jnp.cumsum(sizes) - sizes
     valid = expert_M < num_experts
     dest_M = jnp.where(valid, starts[expert_M] + rank_M, expert_M.shape[0])
-    return Layout(dest_M, expert_M.shape[0], "ragged", group_sizes_E=sizes[:num_experts].astype(jnp.int32))
+    return Dispatch(dest_M, expert_M.shape[0], "ragged", group_sizes_E=sizes[:num_experts].astype(jnp.int32))
 
 
-def blocked_layout(expert_M: jax.Array, num_experts: int, block: int) -> Layout:
+def blocked_dispatch(expert_M: jax.Array, num_experts: int, block: int) -> Dispatch:
     """Rows sorted by expert, each expert's rows padded up to whole blocks (one expert per block).
     The buffer has room for the worst case; only the `used_blocks` first blocks are computed."""
     m = expert_M.shape[0]
@@ -151,20 +151,20 @@ def blocked_layout(expert_M: jax.Array, num_experts: int, block: int) -> Layout:
     valid = expert_M < num_experts
     dest_M = jnp.where(valid, starts_E[jnp.minimum(expert_M, num_experts - 1)] + rank_M, n_blocks * block)
     block_expert_N = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(n_blocks), side="right"), num_experts - 1)
-    return Layout(
+    return Dispatch(
         dest_M, n_blocks * block, "blocked",
         block_expert_N=block_expert_N.astype(jnp.int32), used_blocks=ends_E[-1], block=block,
     )
 
 
-def capacity_layout(expert_BM: jax.Array, num_experts: int, capacity: int) -> Layout:
+def capacity_dispatch(expert_BM: jax.Array, num_experts: int, capacity: int) -> Dispatch:
     """C slots per expert per sequence, claimed in position order; buffer (E, B * C) rows."""
     b = expert_BM.shape[0]
     rank_BM, _ = jax.vmap(lambda e: rank_in_group(e, num_experts))(expert_BM)
     slot_BM = jnp.arange(b)[:, None] * capacity + rank_BM
     n_rows = num_experts * b * capacity
     dest_BM = jnp.where(rank_BM < capacity, expert_BM * (b * capacity) + slot_BM, n_rows)
-    return Layout(dest_BM.reshape(-1), n_rows, "capacity", num_experts=num_experts)
+    return Dispatch(dest_BM.reshape(-1), n_rows, "capacity", num_experts=num_experts)
 
 
 def capacity(cfg: MoEConfig, tokens_per_group: int, train: bool) -> int:
@@ -227,43 +227,43 @@ def _blocked_bwd(res, dy_NbF):
 blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def layout_matmul(x_RD: jax.Array, w_EDF: jax.Array, lay: Layout) -> jax.Array:
-    """The expert matmul of a buffer in layout `lay`: row r uses the weights of its expert."""
-    if lay.kind == "ragged":
-        return jax.lax.ragged_dot(x_RD, w_EDF, lay.group_sizes_E, preferred_element_type=F32).astype(x_RD.dtype)
-    if lay.kind == "blocked":
-        x_NbD = x_RD.reshape(-1, lay.block, x_RD.shape[-1])
-        return blocked_matmul(x_NbD, w_EDF, lay.block_expert_N, lay.used_blocks).reshape(x_RD.shape[0], -1)
-    x_ECD = x_RD.reshape(lay.num_experts, -1, x_RD.shape[-1])
+def expert_matmul(x_RD: jax.Array, w_EDF: jax.Array, disp: Dispatch) -> jax.Array:
+    """The expert matmul of a buffer filled by `disp`: row r uses the weights of its expert."""
+    if disp.kind == "ragged":
+        return jax.lax.ragged_dot(x_RD, w_EDF, disp.group_sizes_E, preferred_element_type=F32).astype(x_RD.dtype)
+    if disp.kind == "blocked":
+        x_NbD = x_RD.reshape(-1, disp.block, x_RD.shape[-1])
+        return blocked_matmul(x_NbD, w_EDF, disp.block_expert_N, disp.used_blocks).reshape(x_RD.shape[0], -1)
+    x_ECD = x_RD.reshape(disp.num_experts, -1, x_RD.shape[-1])
     return jnp.einsum("ECD,EDF->ECF", x_ECD, w_EDF).reshape(x_RD.shape[0], -1)
 
 
-def expert_ffn(x_RD: jax.Array, w: dict, lay: Layout) -> jax.Array:
+def expert_ffn(x_RD: jax.Array, w: dict, disp: Dispatch) -> jax.Array:
     """SwiGLU of every buffer row with its expert's weights {'gate','up': EDF, 'down': EFD}."""
-    gate_RF = layout_matmul(x_RD, w["gate"], lay)
-    up_RF = layout_matmul(x_RD, w["up"], lay)
-    return layout_matmul(jax.nn.silu(gate_RF) * up_RF, w["down"], lay)
+    gate_RF = expert_matmul(x_RD, w["gate"], disp)
+    up_RF = expert_matmul(x_RD, w["up"], disp)
+    return expert_matmul(kernels.swiglu(gate_RF, up_RF), w["down"], disp)
 
 
-def swiglu(x_TD: jax.Array, w: dict) -> jax.Array:
-    """One dense SwiGLU {'gate','up': DF, 'down': FD} (the shared experts)."""
-    h_TF = jax.nn.silu(x_TD @ w["gate"]) * (x_TD @ w["up"])
-    return h_TF @ w["down"]
+def shared_ffn(x_BTD: jax.Array, w: dict) -> jax.Array:
+    """The shared experts: one dense SwiGLU FFN {'gate','up': DF, 'down': FD} that every token runs."""
+    h_BTF = kernels.swiglu(x_BTD @ w["gate"], x_BTD @ w["up"])
+    return h_BTF @ w["down"]
 
 
-def run_experts(rows_MD: jax.Array, w: dict, lay: Layout) -> jax.Array:
-    """Dispatch rows into the layout's buffer, run the experts, bring each row's output back."""
-    buf_RD = scatter_rows(rows_MD, lay.dest_M, lay.n_rows)
-    return gather_rows(expert_ffn(buf_RD, w, lay), lay.dest_M)
+def run_experts(rows_MD: jax.Array, w: dict, disp: Dispatch) -> jax.Array:
+    """Scatter rows into `disp`'s buffer, run the experts, bring each row's output back."""
+    buf_RD = scatter_rows(rows_MD, disp.dest_M, disp.n_rows)
+    return gather_rows(expert_ffn(buf_RD, w, disp), disp.dest_M)
 
 
-def dropless_layout(expert_M: jax.Array, num_experts: int, cfg: MoEConfig) -> Layout:
+def dropless_dispatch(expert_M: jax.Array, num_experts: int, cfg: MoEConfig) -> Dispatch:
     impl = cfg.dropless_impl
     if impl == "auto":
         impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
     if impl == "ragged":
-        return ragged_layout(expert_M, num_experts)
-    return blocked_layout(expert_M, num_experts, cfg.block_size)
+        return ragged_dispatch(expert_M, num_experts)
+    return blocked_dispatch(expert_M, num_experts, cfg.block_size)
 
 
 # ----------------------------------------------------------------------------------- combine
@@ -294,28 +294,28 @@ def routed(x_BTD, w_router, bias_E, w_experts, cfg: MoEConfig, train: bool, expe
     ep = jax.lax.axis_size(expert_axis) if expert_axis else 1
     kept_M = jnp.ones_like(expert_M, jnp.bool_)
     if cfg.dispatch == "capacity":
-        lay = capacity_layout(expert_M.reshape(b, t * k), e, capacity(cfg, t, train))
-        kept_M = lay.dest_M < lay.n_rows
+        disp = capacity_dispatch(expert_M.reshape(b, t * k), e, capacity(cfg, t, train))
+        kept_M = disp.dest_M < disp.n_rows
         if ep == 1:
-            y_MD = run_experts(rows_MD, w_experts, lay)
+            y_MD = run_experts(rows_MD, w_experts, disp)
         else:
-            y_MD = _capacity_exchange(rows_MD, w_experts, lay, e // ep, expert_axis)
+            y_MD = _capacity_exchange(rows_MD, w_experts, disp, e // ep, expert_axis)
     elif ep == 1:
-        y_MD = run_experts(rows_MD, w_experts, dropless_layout(expert_M, e, cfg))
+        y_MD = run_experts(rows_MD, w_experts, dropless_dispatch(expert_M, e, cfg))
     else:
         y_MD = _dropless_exchange(rows_MD, expert_M, w_experts, e // ep, cfg, expert_axis)
     y_TD = combine(y_MD, r.weights_TK)
     return y_TD.reshape(b, t, d), statistics(r, kept_M, cfg, batch_axes)
 
 
-def _capacity_exchange(rows_MD, w_experts, lay: Layout, local_e: int, axis):
+def _capacity_exchange(rows_MD, w_experts, disp: Dispatch, local_e: int, axis):
     """Capacity buffer (E, R) -> all-to-all -> each device's experts see (E/ep, ep * R) -> back."""
-    buf_ERD = scatter_rows(rows_MD, lay.dest_M, lay.n_rows).reshape(lay.num_experts, -1, rows_MD.shape[-1])
+    buf_ERD = scatter_rows(rows_MD, disp.dest_M, disp.n_rows).reshape(disp.num_experts, -1, rows_MD.shape[-1])
     mine = jax.lax.all_to_all(buf_ERD, axis, split_axis=0, concat_axis=1, tiled=True)
-    local = Layout(None, mine.shape[0] * mine.shape[1], "capacity", num_experts=local_e)
+    local = Dispatch(None, mine.shape[0] * mine.shape[1], "capacity", num_experts=local_e)
     out = expert_ffn(mine.reshape(-1, mine.shape[-1]), w_experts, local).reshape(mine.shape)
     back_ERD = jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=0, tiled=True)
-    return gather_rows(back_ERD.reshape(lay.n_rows, -1), lay.dest_M)
+    return gather_rows(back_ERD.reshape(disp.n_rows, -1), disp.dest_M)
 
 
 def _dropless_exchange(rows_MD, expert_M, w_experts, local_e: int, cfg: MoEConfig, axis):
@@ -330,7 +330,7 @@ def _dropless_exchange(rows_MD, expert_M, w_experts, local_e: int, cfg: MoEConfi
     send_ids = jnp.full((ep * m,), local_e, jnp.int32).at[dest_M].set(expert_M % local_e, unique_indices=True)
     recv_RD = jax.lax.all_to_all(send_RD, axis, split_axis=0, concat_axis=0, tiled=True)
     recv_ids = jax.lax.all_to_all(send_ids, axis, split_axis=0, concat_axis=0, tiled=True)
-    out_RD = run_experts(recv_RD, w_experts, dropless_layout(recv_ids, local_e, cfg))
+    out_RD = run_experts(recv_RD, w_experts, dropless_dispatch(recv_ids, local_e, cfg))
     back_RD = jax.lax.all_to_all(out_RD, axis, split_axis=0, concat_axis=0, tiled=True)
     return gather_rows(back_RD, dest_M)
 
@@ -418,20 +418,18 @@ class MoE(nnx.Module):
             dt = self.dtype
             w = {"gate": self.shared_gate[...].astype(dt), "up": self.shared_up[...].astype(dt),
                  "down": self.shared_down[...].astype(dt)}
-            y_BTD = y_BTD + swiglu(x_BTD, w)
+            y_BTD = y_BTD + shared_ffn(x_BTD, w)
         return y_BTD, stats
 
 
 def _mesh_axes():
     """(batch mesh axes, expert mesh axis) from the logical rules and context mesh; (None, None)
     when there is no mesh (one device, tests)."""
-    rules = dict(spmd.get_logical_axis_rules())
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
+    resolved = axes.mesh_axes((axes.ACT_BATCH, axes.ACT_EXP))
+    if resolved is None or jax.sharding.get_abstract_mesh().empty:
         return None, None
-    batch = rules.get(axes.ACT_BATCH)
-    batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
-    return batch, rules.get(axes.ACT_EXP)
+    batch, expert = resolved
+    return axes.axis_group(batch), expert
 
 
 def update_router_bias(bias_LE: jax.Array, load_LE: jax.Array, rate: float) -> jax.Array:

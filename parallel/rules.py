@@ -5,6 +5,8 @@ the table, then FSDP shards the largest remaining dimension of every weight that
 degree divides. Activations: the batch is split over every data-parallel axis.
 """
 
+import math
+
 import jax
 import optax
 from flax import nnx
@@ -41,19 +43,14 @@ RULES: dict[str, tuple[Axes, Axes]] = {
 
 
 def activation_rules() -> tuple[tuple[str, Axes], ...]:
-    """Rules for `flax.nnx.logical_axis_rules`, read by `model.axes.constrain`."""
+    """Rules for `flax.nnx.logical_axis_rules`, read by `model.axes.mesh_axes`."""
     return tuple((name, act) for name, (_, act) in RULES.items() if name.startswith("act_"))
 
 
-def _as_tuple(axes: Axes) -> tuple[str, ...]:
-    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def _axis_size(mesh, axes: Axes) -> int:
-    size = 1
-    for a in _as_tuple(axes):
-        size *= mesh.shape[a]
-    return size
+def _group(axes: Axes, mesh) -> tuple[tuple[str, ...], int]:
+    """A table entry's mesh axes as a tuple, and their degree on `mesh` (the product of sizes)."""
+    group = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return group, math.prod(mesh.shape[a] for a in group)
 
 
 def param_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
@@ -61,10 +58,10 @@ def param_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P
     spec, used = [], set()
     for name, dim in zip(names, shape):
         axes = RULES[name][0] if name else None
-        size = _axis_size(mesh, axes)
-        fits = size > 1 and dim % size == 0 and not used & set(_as_tuple(axes))
+        group, size = _group(axes, mesh)
+        fits = size > 1 and dim % size == 0 and not used & set(group)
         spec.append(axes if fits else None)
-        used |= set(_as_tuple(axes)) if fits else set()
+        used |= set(group) if fits else set()
     fsdp = mesh.shape["fsdp"]
     if fsdp > 1 and "fsdp" not in used:
         free = [i for i, (n, d) in enumerate(zip(names, shape)) if spec[i] is None and n != "layers" and d % fsdp == 0]
@@ -112,7 +109,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return _axis_size(mesh, DATA_AXES)
+    return _group(DATA_AXES, mesh)[1]
 
 
 def process_batch_slice(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The hand-written pieces of model/transformer.py equal their library references."""
+"""The hand-written kernels of model/kernels.py equal their library references."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from podtrain.model import ModelConfig, Transformer, init_cache
-from podtrain.model import transformer
+from podtrain.model import kernels, transformer
 
 
 def test_swiglu_value_and_grads_equal_autodiff_of_silu():
@@ -19,7 +19,7 @@ def test_swiglu_value_and_grads_equal_autodiff_of_silu():
         return jnp.sum(jax.nn.silu(g) * u * cot)
 
     def ours(g, u):
-        return jnp.sum(transformer.swiglu(g, u) * cot)
+        return jnp.sum(kernels.swiglu(g, u) * cot)
 
     np.testing.assert_allclose(ours(gate, up), ref(gate, up), rtol=1e-6)
     for got, want in zip(jax.grad(ours, (0, 1))(gate, up), jax.grad(ref, (0, 1))(gate, up)):
@@ -38,7 +38,7 @@ def test_project_and_its_backward_equal_the_einsum(spec, x_shape, w_shape):
         return jnp.sum(jnp.einsum(spec, x, w) * cot)
 
     def got(x, w):
-        return jnp.sum(transformer.project(x, w, len(w_shape) - 1) * cot)
+        return jnp.sum(kernels.project(x, w, len(w_shape) - 1) * cot)
 
     np.testing.assert_allclose(got(x, w), want(x, w), rtol=1e-5)
     for g, r in zip(jax.grad(got, (0, 1))(x, w), jax.grad(want, (0, 1))(x, w)):
@@ -50,7 +50,7 @@ def test_project_and_its_backward_equal_the_einsum(spec, x_shape, w_shape):
 
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 @pytest.mark.parametrize("n,k", [(4, 4), (4, 2), (4, 1)])
-def test_attend_and_its_backward_equal_dot_product_attention(n, k, blocks):
+def test_attention_and_its_backward_equal_dot_product_attention(n, k, blocks):
     kq, kk, kv, kc = jax.random.split(jax.random.key(1), 4)
     q = jax.random.normal(kq, (2, 8, n, 8)) * 2
     key, val = jax.random.normal(kk, (2, 8, k, 8)) * 2, jax.random.normal(kv, (2, 8, k, 8))
@@ -60,10 +60,10 @@ def test_attend_and_its_backward_equal_dot_product_attention(n, k, blocks):
         return jnp.sum(jax.nn.dot_product_attention(q, key, val, is_causal=True) * cot)
 
     def got(q, key, val):
-        return jnp.sum(transformer.attend(q, key, val, transformer._causal_mask(8), blocks) * cot)
+        return jnp.sum(kernels.attention(q, key, val, transformer._causal_mask(8), causal=True, blocks=blocks) * cot)
 
     np.testing.assert_allclose(
-        transformer.attend(q, key, val, transformer._causal_mask(8), blocks),
+        kernels.attention(q, key, val, transformer._causal_mask(8), causal=True, blocks=blocks),
         jax.nn.dot_product_attention(q, key, val, is_causal=True), rtol=1e-5, atol=1e-6,
     )
     for g, w in zip(jax.grad(got, (0, 1, 2))(q, key, val), jax.grad(want, (0, 1, 2))(q, key, val)):
@@ -80,11 +80,11 @@ def test_blocked_attention_keeps_packed_sequences_apart(blocks):
     mask = transformer._causal_mask(8) & (segments[:, :, None] == segments[:, None, :])
 
     def packed(q, key, val):
-        return transformer.attend(q, key, val, mask, blocks)
+        return kernels.attention(q, key, val, mask, causal=True, blocks=blocks)
 
     def alone(q, key, val):
-        first = transformer.attend(q[:, :3], key[:, :3], val[:, :3], transformer._causal_mask(3))
-        second = transformer.attend(q[:, 3:], key[:, 3:], val[:, 3:], transformer._causal_mask(5))
+        first = kernels.attention(q[:, :3], key[:, :3], val[:, :3], transformer._causal_mask(3), causal=True, blocks=1)
+        second = kernels.attention(q[:, 3:], key[:, 3:], val[:, 3:], transformer._causal_mask(5), causal=True, blocks=1)
         return jnp.concatenate([first, second], axis=1)
 
     np.testing.assert_allclose(packed(q, key, val), alone(q, key, val), rtol=1e-5, atol=1e-6)
@@ -94,9 +94,9 @@ def test_blocked_attention_keeps_packed_sequences_apart(blocks):
 
 
 def test_query_blocks_on_cpu_are_at_least_64_rows_and_at_most_8():
-    assert [transformer.query_blocks(t) for t in (32, 64, 100, 128, 192, 256, 1024, 4096)] == [1, 1, 1, 2, 3, 4, 8, 8]
+    assert [kernels.query_blocks(t) for t in (32, 64, 100, 128, 192, 256, 1024, 4096)] == [1, 1, 1, 2, 3, 4, 8, 8]
     with pytest.raises(ValueError, match="blocks=3"):
-        transformer.attend(*(jnp.zeros((1, 8, 2, 4)),) * 3, transformer._causal_mask(8), blocks=3)
+        kernels.attention(*(jnp.zeros((1, 8, 2, 4)),) * 3, transformer._causal_mask(8), causal=True, blocks=3)
 
 
 def test_kv_cache_decode_equals_full_forward():
