@@ -31,7 +31,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	@rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/podtrain
 	@for f in podtrain/*.py $(ROOMS); do ln -s "$(CURDIR)/$$f" $(LINT_TREE)/podtrain/; done
-	cd $(LINT_TREE) && PYTHONPATH=. "$(CURDIR)/$(VENV)/bin/lint-imports" --config "$(CURDIR)/pyproject.toml"
+	cd $(LINT_TREE) && PYTHONPATH=. "$(CURDIR)/$(VENV)/bin/lint-imports" "$(CURDIR)/pyproject.toml"
 
 # pytest exits 5 when it collects no tests: that fails here like any other error, and says so.
 test: lint

@@ -6,7 +6,7 @@ XLA's memory analysis of the compiled step. The arguments are the train state an
 the batch's share is printed separately, and the state's bytes are cross-checked against the
 shard shapes of its shardings.
 
-    PYTHONPATH=. python bench/mesh_memory.py
+    python bench/mesh_memory.py
 """
 
 import argparse
@@ -18,22 +18,29 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from podtrain.parallel import rules  # noqa: E402
-from podtrain.train import config as configs, optim, state as states, step as steps, validate  # noqa: E402
+from podtrain.train import config as configs  # noqa: E402
+from podtrain.train import optim, validate
+from podtrain.train import state as states
+from podtrain.train import step as steps
 
 DEVICES = 8
 # ~53M parameters: 8 layers of d_model 512 (27.3M) and a GPT-2-sized vocab of 50304 (25.8M).
 MODEL = [
-    "model.num_layers=8", "model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8",
-    "model.mlp_dim=1536", "model.vocab_size=50304", "model.scan_layers=scan",
-    "data.seq_len=128", "train.batch_size=8",
+    "model.num_layers=8",
+    "model.d_model=512",
+    "model.num_heads=8",
+    "model.num_kv_heads=8",
+    "model.mlp_dim=1536",
+    "model.vocab_size=50304",
+    "model.scan_layers=scan",
+    "data.seq_len=128",
+    "train.batch_size=8",
 ]
 
 
 def shard_bytes(abstract_tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (device 0's shards)."""
-    return sum(
-        int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree)
-    )
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
 
 
 def measure(fsdp: int, overrides: list[str]) -> dict:
@@ -67,11 +74,15 @@ def main(argv=None) -> None:
     rows = [measure(f, args.overrides) for f in args.fsdp]
     base = rows[0]["state"]
     print(f"{rows[0]['params'] / 1e6:.1f}M parameters, {DEVICES} fake CPU devices, AdamW (fp32 params, mu, nu)")
-    print(f"{'fsdp':>4} {'data':>4} {'args/device':>14} {'batch':>7} {'params+opt/device':>18} "
-          f"{'from shardings':>15} {'ratio':>6}")
+    print(
+        f"{'fsdp':>4} {'data':>4} {'args/device':>14} {'batch':>7} {'params+opt/device':>18} "
+        f"{'from shardings':>15} {'ratio':>6}"
+    )
     for r in rows:
-        print(f"{r['fsdp']:>4} {DEVICES // r['fsdp']:>4} {r['arguments']:>14,} {r['batch']:>7,} {r['state']:>18,} "
-              f"{r['state_from_shardings']:>15,} {r['state'] / base:>6.3f}")
+        print(
+            f"{r['fsdp']:>4} {DEVICES // r['fsdp']:>4} {r['arguments']:>14,} {r['batch']:>7,} {r['state']:>18,} "
+            f"{r['state_from_shardings']:>15,} {r['state'] / base:>6.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -5,17 +5,20 @@ Prints, from one run, each model's train-step time and MFU (FLOPs of *active* pa
 the ratios MoE / dense for dropless and capacity (cf=1.25) dispatch. Models are timed in
 interleaved rounds and each keeps its best round, so load from other processes hits all alike.
 
-  PYTHONPATH=$PWD python bench/moe_efficiency.py [--d-model 256 --expert-hidden 512 ...]
+  python bench/moe_efficiency.py [--d-model 256 --expert-hidden 512 ...]
 """
 
 import argparse
 import time
 
 import jax
-import numpy as np
 
-from podtrain.parallel import devices, mesh as meshes, rules
-from podtrain.train import config as configs, optim, state as states, step as steps
+from podtrain.parallel import devices, rules
+from podtrain.parallel import mesh as meshes
+from podtrain.train import config as configs
+from podtrain.train import optim
+from podtrain.train import state as states
+from podtrain.train import step as steps
 
 TARGETS = {"dropless": 1.15, "capacity": 1.30}
 
@@ -39,16 +42,28 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per round")
-    p.add_argument("--block-size", type=int, default=0, help="rows per block of the CPU dropless path (0: the config default)")
+    p.add_argument(
+        "--block-size", type=int, default=0, help="rows per block of the CPU dropless path (0: the config default)"
+    )
     args = p.parse_args(argv)
 
     d, f = args.d_model, args.expert_hidden
     common = [
-        "model.vocab_size=256", f"model.num_layers={args.layers}", f"model.d_model={d}", "model.num_heads=4",
-        "model.num_kv_heads=4", f"data.seq_len={args.seq_len}", f"train.batch_size={args.batch}", "mesh.devices=1",
+        "model.vocab_size=256",
+        f"model.num_layers={args.layers}",
+        f"model.d_model={d}",
+        "model.num_heads=4",
+        "model.num_kv_heads=4",
+        f"data.seq_len={args.seq_len}",
+        f"train.batch_size={args.batch}",
+        "mesh.devices=1",
     ]
-    moe = ["model.moe.num_experts=8", "model.moe.top_k=2", f"model.moe.expert_mlp_dim={f}",
-           "model.moe.load_balance_coef=0.01"]
+    moe = [
+        "model.moe.num_experts=8",
+        "model.moe.top_k=2",
+        f"model.moe.expert_mlp_dim={f}",
+        "model.moe.load_balance_coef=0.01",
+    ]
     moe += [f"model.moe.block_size={args.block_size}"] if args.block_size else []
     variants = {
         "dense": common + [f"model.mlp_dim={2 * f}"],
@@ -74,8 +89,10 @@ def main(argv=None) -> dict:
             run[2], run[4] = state, min(best, (time.perf_counter() - t) / args.steps)
 
     peak = devices.peak_flops_per_device()
-    print(f"backend {jax.default_backend()}, d_model {d}, F {f} (dense 2F = {2 * f}), layers {args.layers}, "
-          f"seq {args.seq_len}, batch {args.batch}; best of {args.rounds} interleaved rounds x {args.steps} steps")
+    print(
+        f"backend {jax.default_backend()}, d_model {d}, F {f} (dense 2F = {2 * f}), layers {args.layers}, "
+        f"seq {args.seq_len}, batch {args.batch}; best of {args.rounds} interleaved rounds x {args.steps} steps"
+    )
     result = {}
     for name, (cfg, _, _, _, secs) in runs.items():
         flops = cfg.model.flops_per_token(args.seq_len) * args.batch * args.seq_len

@@ -43,6 +43,7 @@ def main() -> None:
         "megablox gmm": lambda x, w, g: megablox.gmm(x, w, g, preferred_element_type=jnp.float32),
     }
     for name, mm in impls.items():
+
         def loss(x, w, g, mm=mm):
             return mm(x, w, g).sum()
 

@@ -6,7 +6,7 @@ back-to-back steps; the figure is the median over `--reps`. Two layouts per shap
 (XLA threads each op over the cores) and one device per core with the batch data-parallel over
 them. `podtrain pretrain` takes the second below d_model 512 and the first from there on
 (parallel/devices.py: use_cpu_cores); its row is marked, and the last lines hold it against the
-targets of issue 2 (>= 20k tokens/s at the nanoGPT shape, MFU >= 55% at the larger shape).
+targets (>= 20k tokens/s at the nanoGPT shape, MFU >= 55% at the larger shape).
 
 MFU = achieved FLOP/s / measured f32 matmul peak of this machine (the best of several
 measurements spread through the run), with the FLOPs of
@@ -34,25 +34,42 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from podtrain.parallel import devices, mesh as meshes, rules
-from podtrain.train import config as configs, optim, state as states, step as steps
+from podtrain.parallel import devices, rules
+from podtrain.parallel import mesh as meshes
+from podtrain.train import config as configs
+from podtrain.train import optim
+from podtrain.train import state as states
+from podtrain.train import step as steps
 
 NANOGPT = ("nanoGPT (configs/shakespeare_char.yaml)", [])
 LARGE = (
     "large (L4 D512 N8 F1408 T256 B8)",
-    ["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "model.mlp_dim=1408",
-     "data.seq_len=256", "train.batch_size=8"],
+    [
+        "model.d_model=512",
+        "model.num_heads=8",
+        "model.num_kv_heads=8",
+        "model.mlp_dim=1408",
+        "data.seq_len=256",
+        "train.batch_size=8",
+    ],
 )
 # d_model 1024: the matmuls of a step come closer in size to the 1024^3 one that sets the peak
 LARGER = (
     "larger (L4 D1024 N16 F2816 T256 B8)",
-    ["model.d_model=1024", "model.num_heads=16", "model.num_kv_heads=16", "model.mlp_dim=2816",
-     "data.seq_len=256", "train.batch_size=8"],
+    [
+        "model.d_model=1024",
+        "model.num_heads=16",
+        "model.num_kv_heads=16",
+        "model.mlp_dim=2816",
+        "data.seq_len=256",
+        "train.batch_size=8",
+    ],
 )
 SHAPES = {"nanogpt": NANOGPT, "large": LARGE, "larger": LARGER}
-TARGETS = {"nanogpt": ("tokens/s", 20_000), "large": ("MFU", 0.55), "larger": ("MFU", 0.55)}  # issue 2
+TARGETS = {"nanogpt": ("tokens/s", 20_000), "large": ("MFU", 0.55), "larger": ("MFU", 0.55)}
 VOCAB = 65  # the character vocabulary of tiny-shakespeare
 
 
@@ -158,8 +175,15 @@ def main(argv=None) -> None:
         for layout, num_devices in layouts:
             cfg = load_config(overrides, num_devices)
             mark = " [podtrain pretrain's layout]" if num_devices == pretrain else ""
-            rows.append((key, num_devices == pretrain, f"{name}, {layout}{mark}", cfg,
-                         *time_train_step(cfg, args.reps, n_steps)))
+            rows.append(
+                (
+                    key,
+                    num_devices == pretrain,
+                    f"{name}, {layout}{mark}",
+                    cfg,
+                    *time_train_step(cfg, args.reps, n_steps),
+                )
+            )
             # the machine's speed drifts: the peak is re-measured between layouts and the best
             # of all is the MFU's denominator (a low peak would flatter every MFU)
             peaks.append(devices.measure_matmul_peak(n=1024, seconds=args.peak_seconds))
@@ -169,8 +193,10 @@ def main(argv=None) -> None:
         f"{peak / 1e9:.1f} GFLOP/s (each: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})"
     )
     scaling = matmul_scaling(cores)
-    print("f32 matmul 1024^3, median FLOP/s of each way, measured alternately: "
-          + ", ".join(f"{way} {rate / 1e9:.0f} G" for way, rate in scaling.items()))
+    print(
+        "f32 matmul 1024^3, median FLOP/s of each way, measured alternately: "
+        + ", ".join(f"{way} {rate / 1e9:.0f} G" for way, rate in scaling.items())
+    )
     pretrain_rows = {}
     for key, is_pretrain, label, cfg, per_step, matmul in rows:
         tokens = cfg.train.batch_size * cfg.data.seq_len
@@ -190,8 +216,12 @@ def main(argv=None) -> None:
         if key in pretrain_rows:
             got = pretrain_rows[key]
             shown = f"{floor:.0%}" if metric == "MFU" else f"{floor:,}"
-            print(f"target {SHAPES[key][0]} at pretrain's layout, {metric} >= {shown}: "
-                  f"{got['tokens/s']:,.0f} tokens/s, MFU {got['MFU']:.1%} -> {'met' if got[metric] >= floor else 'not met'}")
+            print(
+                f"target {SHAPES[key][0]} at pretrain's layout, {metric} >= {shown}: "
+                f"{got['tokens/s']:,.0f} tokens/s, MFU {got['MFU']:.1%} -> "
+                f"{'met' if got[metric] >= floor else 'not met'}"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -29,8 +29,11 @@ class Windows:
 
 
 def train_dataset(
-    source: grain.sources.RandomAccessDataSource, global_batch: int, seed: int,
-    process_index: int = 0, process_count: int = 1,
+    source: grain.sources.RandomAccessDataSource,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
     """Endless per-process batches of `source`'s rows: each key (global_batch / process_count, ...)."""
     local = global_batch // process_count
@@ -45,8 +48,12 @@ def train_dataset(
 
 
 def eval_batches(
-    source: grain.sources.RandomAccessDataSource, global_batch: int, num_batches: int, seed: int,
-    process_index: int = 0, process_count: int = 1,
+    source: grain.sources.RandomAccessDataSource,
+    global_batch: int,
+    num_batches: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """The fixed validation set: the first num_batches global batches of a seeded order."""
     it = iter(train_dataset(source, global_batch, seed, process_index, process_count))

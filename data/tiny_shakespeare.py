@@ -46,8 +46,9 @@ class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 f"data.manual_dir=FOLDER"
             ) from None
         if hashlib.sha256(data).hexdigest() != SHA256:
-            raise DatasetUnavailable(f"{URL} served a file with the wrong sha256: put {FILENAME} in a folder "
-                                     f"and pass data.manual_dir=FOLDER")
+            raise DatasetUnavailable(
+                f"{URL} served a file with the wrong sha256: put {FILENAME} in a folder and pass data.manual_dir=FOLDER"
+            )
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = cache_dir / f"{FILENAME}.partial"
         partial.write_bytes(data)

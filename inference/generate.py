@@ -9,8 +9,8 @@ import numpy as np
 from flax import nnx
 
 from podtrain.data import tokenizer
-from podtrain.model import init_cache, moe
 from podtrain.inference import weights
+from podtrain.model import init_cache, moe
 from podtrain.train import config as configs
 
 
@@ -44,8 +44,17 @@ def _decode(graphdef, params, token_B, pos, cache, key, temperature, top_k):
     return pick(logits_BTV[:, -1], key, temperature, top_k), cache
 
 
-def generate(graphdef, params, cfg_model, prompt_ids, max_new_tokens: int, window: int,
-             temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+def generate(
+    graphdef,
+    params,
+    cfg_model,
+    prompt_ids,
+    max_new_tokens: int,
+    window: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> list[int]:
     """Continue `prompt_ids` (batch 1). Positions stay below `window` (the trained context):
     when it fills, the cache is rebuilt from the last window // 2 tokens."""
     ids = [int(i) for i in prompt_ids][-window:] or [0]
@@ -53,7 +62,7 @@ def generate(graphdef, params, cfg_model, prompt_ids, max_new_tokens: int, windo
     out = []
 
     def refill():
-        ctx = ids[-(window // 2):] if len(ids) >= window else ids
+        ctx = ids[-(window // 2) :] if len(ids) >= window else ids
         cache = init_cache(cfg_model, 1, window)
         logits, cache = _prefill(graphdef, params, jnp.asarray([ctx], jnp.int32), cache)
         return logits, cache, len(ctx)
@@ -95,6 +104,7 @@ def sample_run(run_dir, prompt: str, max_new_tokens: int, temperature=1.0, top_k
         prompt_ids = tok.encode(prompt)
     except ValueError as e:
         raise configs.ConfigError(f"--prompt: {e}") from None
-    new = generate(graphdef, params, cfg.model, np.asarray(prompt_ids), max_new_tokens, cfg.data.seq_len,
-                   temperature, top_k, seed)
+    new = generate(
+        graphdef, params, cfg.model, np.asarray(prompt_ids), max_new_tokens, cfg.data.seq_len, temperature, top_k, seed
+    )
     return prompt + tok.decode(new)

@@ -13,7 +13,9 @@ import jax
 from flax import nnx
 
 from podtrain.data import tokenizer
-from podtrain.train import checkpoint, config as configs, finetune, state as states
+from podtrain.train import checkpoint, finetune
+from podtrain.train import config as configs
+from podtrain.train import state as states
 from podtrain.train.config import Config, ConfigError
 
 
@@ -69,6 +71,7 @@ def load(run_dir: str | Path, step: int | None = None, flag: str = "run") -> Run
 def _check_tree(params: dict, abstract: dict) -> dict:
     """`params` if it has the model's tree and shapes (a fine-tuning adapter that rebuilt another
     model would otherwise surface as a shape error deep inside sampling or export)."""
+
     def shapes(tree):
         return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 

@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 from podtrain.data import tokenizer
 from podtrain.inference import weights
 from podtrain.interop import hf
-from podtrain.train import checkpoint, config as configs, integrity
+from podtrain.train import checkpoint, integrity
+from podtrain.train import config as configs
 from podtrain.train.config import Config, ConfigError
 
 FORMATS = ("hf", "safetensors")
@@ -87,7 +88,7 @@ class ShardWriter:
         for k, (path, names) in enumerate(self.files):
             final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
             path.rename(self.out_dir / final)
-            weight_map.update({name: final for name in names})
+            weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
@@ -102,10 +103,12 @@ class TensorReader:
             self.files = {name: directory / f for name, f in weight_map.items()}
         elif single.exists():
             with _safetensors().safe_open(str(single), framework="numpy") as f:
-                self.files = {name: single for name in f.keys()}
+                self.files = dict.fromkeys(f.keys(), single)
         else:
             found = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
-            extra = f" (found {', '.join(found)}: pickle files are never loaded; re-save with safetensors)" if found else ""
+            extra = (
+                f" (found {', '.join(found)}: pickle files are never loaded; re-save with safetensors)" if found else ""
+            )
             raise ConfigError(f"--hf {directory}: no model.safetensors or {INDEX}{extra}")
 
     def names(self) -> set[str]:
@@ -119,6 +122,7 @@ class TensorReader:
 # ---------------------------------------------------------------------------------------------
 # Fetching a run's layers to the host, one at a time.
 # ---------------------------------------------------------------------------------------------
+
 
 def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
@@ -140,6 +144,7 @@ def _layer(stack: dict, i: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Export.
 # ---------------------------------------------------------------------------------------------
+
 
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -192,8 +197,13 @@ def _write_safetensors(cfg: Config, tok, params, tmp: Path, max_bytes: int) -> N
         tokenizer.save(tok, tmp)
 
 
-def export(run_dir: str | Path, out: str | Path, fmt: str = "hf", step: int | None = None,
-           max_shard_size: str | int = DEFAULT_MAX_SHARD) -> Path:
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    fmt: str = "hf",
+    step: int | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+) -> Path:
     """Write the weights of `run_dir` (at `step`, default latest) to the new directory `out`."""
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
@@ -221,6 +231,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf", step: int | No
 # Import.
 # ---------------------------------------------------------------------------------------------
 
+
 def _read_params(cfg: Config, reader: TensorReader) -> tuple[dict, dict]:
     """Our (params, buffers) as host numpy float32 from the HF tensors; every tensor must be used,
     every parameter filled. Buffers the class has no tensor for (Mixtral's router bias) stay 0."""
@@ -239,7 +250,7 @@ def _read_params(cfg: Config, reader: TensorReader) -> tuple[dict, dict]:
                 raise ConfigError(f"--hf: tensor {t.hf} is not empty: a feature podtrain does not implement")
             continue
         target = hf.get_path(tree, t.path)
-        shape = target.shape[len(t.index):]
+        shape = target.shape[len(t.index) :]
         expected = hf.to_hf_tensor(np.empty(shape, np.float32), t.kind).shape
         x = reader.get(t.hf)
         if tuple(x.shape) != tuple(expected):
@@ -248,7 +259,8 @@ def _read_params(cfg: Config, reader: TensorReader) -> tuple[dict, dict]:
         filled[t.path] += x.size
     if unused:
         raise ConfigError(
-            f"--hf: tensors podtrain has no place for (a feature it does not implement): {', '.join(sorted(unused)[:4])}"
+            f"--hf: tensors podtrain has no place for (a feature it does not implement): "
+            f"{', '.join(sorted(unused)[:4])}"
         )
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = ".".join(str(k.key) for k in path)

@@ -29,6 +29,7 @@ MODEL_TYPES = {LLAMA: "llama", MIXTRAL: "mixtral", GLM4_MOE: "glm4_moe"}
 # 'vec': the same array.
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """One HF tensor and where it lives in our params: params[path][index] (index: the leading
@@ -111,19 +112,25 @@ def layer_slots(cfg: Config) -> list[tuple[int, str, int, str, bool]]:
 MOE_TENSORS = {
     MIXTRAL: (
         (("block_sparse_moe.gate.weight", "mlp.router", "in"),),
-        (("block_sparse_moe.experts.{e}.w1.weight", "mlp.w_gate", "in"),
-         ("block_sparse_moe.experts.{e}.w3.weight", "mlp.w_up", "in"),
-         ("block_sparse_moe.experts.{e}.w2.weight", "mlp.w_down", "out")),
+        (
+            ("block_sparse_moe.experts.{e}.w1.weight", "mlp.w_gate", "in"),
+            ("block_sparse_moe.experts.{e}.w3.weight", "mlp.w_up", "in"),
+            ("block_sparse_moe.experts.{e}.w2.weight", "mlp.w_down", "out"),
+        ),
         (),
     ),
     GLM4_MOE: (
         (("mlp.gate.weight", "mlp.router", "in"), ("mlp.gate.e_score_correction_bias", "mlp.bias", "vec")),
-        (("mlp.experts.{e}.gate_proj.weight", "mlp.w_gate", "in"),
-         ("mlp.experts.{e}.up_proj.weight", "mlp.w_up", "in"),
-         ("mlp.experts.{e}.down_proj.weight", "mlp.w_down", "out")),
-        (("mlp.shared_experts.gate_proj.weight", "mlp.shared_gate", "in"),
-         ("mlp.shared_experts.up_proj.weight", "mlp.shared_up", "in"),
-         ("mlp.shared_experts.down_proj.weight", "mlp.shared_down", "out")),
+        (
+            ("mlp.experts.{e}.gate_proj.weight", "mlp.w_gate", "in"),
+            ("mlp.experts.{e}.up_proj.weight", "mlp.w_up", "in"),
+            ("mlp.experts.{e}.down_proj.weight", "mlp.w_down", "out"),
+        ),
+        (
+            ("mlp.shared_experts.gate_proj.weight", "mlp.shared_gate", "in"),
+            ("mlp.shared_experts.up_proj.weight", "mlp.shared_up", "in"),
+            ("mlp.shared_experts.down_proj.weight", "mlp.shared_down", "out"),
+        ),
     ),
 }
 
@@ -134,8 +141,10 @@ def tensor_plan(cfg: Config) -> list[Tensor]:
     Paths address the parameters and buffers (the MoE router bias) merged into one tree.
     """
     m, arch = cfg.model, architecture(cfg)
-    plan = [Tensor("model.embed_tokens.weight", "embed", (), "vec"),
-            Tensor("model.norm.weight", "final_norm.scale", (), "vec")]
+    plan = [
+        Tensor("model.embed_tokens.weight", "embed", (), "vec"),
+        Tensor("model.norm.weight", "final_norm.scale", (), "vec"),
+    ]
     if not m.tie_embeddings:
         plan.append(Tensor("lm_head.weight", "lm_head", (), "in"))
     for i, stack, at, prefix, is_moe in layer_slots(cfg):
@@ -151,14 +160,17 @@ def tensor_plan(cfg: Config) -> list[Tensor]:
         if _moe(cfg).num_shared_experts:
             plan += [Tensor(hf_prefix + name, ours + path, (at,), kind) for name, path, kind in shared]
         else:  # Glm4Moe always builds a shared MLP: of width 0 it adds nothing
-            plan += [Tensor(hf_prefix + name, "", (), kind, (0, m.d_model) if kind == "in" else (m.d_model, 0))
-                     for name, path, kind in shared]
+            plan += [
+                Tensor(hf_prefix + name, "", (), kind, (0, m.d_model) if kind == "in" else (m.d_model, 0))
+                for name, path, kind in shared
+            ]
     return plan
 
 
 # ---------------------------------------------------------------------------------------------
 # Config.
 # ---------------------------------------------------------------------------------------------
+
 
 def _softmax_topk_mismatch(moe) -> str | None:
     """The first feature of a softmax_topk MoE that MixtralForCausalLM cannot express."""
@@ -171,8 +183,10 @@ def _softmax_topk_mismatch(moe) -> str | None:
     if moe.num_shared_experts:
         return f"model.moe.num_shared_experts={moe.num_shared_experts} (Mixtral has no shared experts)"
     if moe.first_dense_layers or moe.every != 1:
-        return (f"dense layers among the MoE layers (model.moe.first_dense_layers={moe.first_dense_layers}, "
-                f"model.moe.every={moe.every}; Mixtral's layers are all MoE)")
+        return (
+            f"dense layers among the MoE layers (model.moe.first_dense_layers={moe.first_dense_layers}, "
+            f"model.moe.every={moe.every}; Mixtral's layers are all MoE)"
+        )
     return None
 
 
@@ -225,13 +239,13 @@ def check_router_bias(cfg: Config, min_bias: float) -> None:
     """transformers masks the experts of excluded groups with 0, not -inf: with a negative
     selection score (sigmoid + bias < 0) an excluded expert could be chosen, so refuse."""
     moe = _moe(cfg)
-    if moe is not None and moe.router == "sigmoid_bias" and moe.n_groups > 1 and moe.topk_groups < moe.n_groups:
-        if min_bias < 0:
-            raise ConfigError(
-                f"group-limited routing (model.moe.n_groups={moe.n_groups}, model.moe.topk_groups={moe.topk_groups}) "
-                f"with a negative router bias ({min_bias:.3g}): {GLM4_MOE} masks excluded groups with 0, not -inf, "
-                f"so it could route differently"
-            )
+    limited = moe is not None and moe.router == "sigmoid_bias" and moe.n_groups > 1 and moe.topk_groups < moe.n_groups
+    if limited and min_bias < 0:
+        raise ConfigError(
+            f"group-limited routing (model.moe.n_groups={moe.n_groups}, model.moe.topk_groups={moe.topk_groups}) "
+            f"with a negative router bias ({min_bias:.3g}): {GLM4_MOE} masks excluded groups with 0, not -inf, "
+            f"so it could route differently"
+        )
 
 
 def _common_config(cfg: Config, arch: str) -> dict:
@@ -271,18 +285,31 @@ def to_hf_config(cfg: Config) -> dict:
         out.update(intermediate_size=m.mlp_dim, mlp_bias=False, pretraining_tp=1)
     elif arch == MIXTRAL:
         out.update(
-            intermediate_size=m.expert_dim, num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-            router_jitter_noise=0.0, sliding_window=None, output_router_logits=False,
+            intermediate_size=m.expert_dim,
+            num_local_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            output_router_logits=False,
             router_aux_loss_coef=moe.load_balance_coef,
         )
     else:
         out["rope_parameters"]["partial_rotary_factor"] = 1.0
         out.update(
-            intermediate_size=m.mlp_dim, moe_intermediate_size=m.expert_dim, n_routed_experts=moe.num_experts,
-            num_experts_per_tok=moe.top_k, n_shared_experts=moe.num_shared_experts,
-            first_k_dense_replace=moe.first_dense_layers, n_group=moe.n_groups, topk_group=moe.topk_groups,
-            norm_topk_prob=moe.normalize_topk, routed_scaling_factor=moe.routed_scaling, use_qk_norm=False,
-            num_nextn_predict_layers=0, output_router_logits=False, router_aux_loss_coef=moe.load_balance_coef,
+            intermediate_size=m.mlp_dim,
+            moe_intermediate_size=m.expert_dim,
+            n_routed_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            n_shared_experts=moe.num_shared_experts,
+            first_k_dense_replace=moe.first_dense_layers,
+            n_group=moe.n_groups,
+            topk_group=moe.topk_groups,
+            norm_topk_prob=moe.normalize_topk,
+            routed_scaling_factor=moe.routed_scaling,
+            use_qk_norm=False,
+            num_nextn_predict_layers=0,
+            output_router_logits=False,
+            router_aux_loss_coef=moe.load_balance_coef,
         )
     return out
 
@@ -300,9 +327,7 @@ def _rope_theta(hf: dict) -> float:
     rope = _rope(hf)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ConfigError(
-            f"config.json rope_parameters.rope_type={rope_type!r}: podtrain implements only default RoPE"
-        )
+        raise ConfigError(f"config.json rope_parameters.rope_type={rope_type!r}: podtrain implements only default RoPE")
     theta = rope.get("rope_theta", hf.get("rope_theta"))
     return float(theta if theta is not None else 10000.0)
 
@@ -349,14 +374,22 @@ def from_hf_config(hf: dict) -> dict:
     }
     moe = {}
     if arch == MIXTRAL:
-        moe = {"num_experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
-               "router": "softmax_topk", "normalize_topk": True}
+        moe = {
+            "num_experts": hf["num_local_experts"],
+            "top_k": hf["num_experts_per_tok"],
+            "router": "softmax_topk",
+            "normalize_topk": True,
+        }
     elif arch == GLM4_MOE:
         moe = {
-            "num_experts": hf["n_routed_experts"], "top_k": hf["num_experts_per_tok"],
-            "expert_mlp_dim": hf["moe_intermediate_size"], "router": "sigmoid_bias",
-            "normalize_topk": bool(hf.get("norm_topk_prob", True)), "n_groups": hf.get("n_group") or 1,
-            "topk_groups": hf.get("topk_group") or 1, "routed_scaling": float(hf.get("routed_scaling_factor", 1.0)),
+            "num_experts": hf["n_routed_experts"],
+            "top_k": hf["num_experts_per_tok"],
+            "expert_mlp_dim": hf["moe_intermediate_size"],
+            "router": "sigmoid_bias",
+            "normalize_topk": bool(hf.get("norm_topk_prob", True)),
+            "n_groups": hf.get("n_group") or 1,
+            "topk_groups": hf.get("topk_group") or 1,
+            "routed_scaling": float(hf.get("routed_scaling_factor", 1.0)),
             "num_shared_experts": hf.get("n_shared_experts") or 0,
             "first_dense_layers": hf.get("first_k_dense_replace") or 0,
         }

@@ -36,8 +36,10 @@ def _finetune(args) -> int | None:
     result = finetune.finetune(cfg)
     if result["preempted"]:
         return _preempted(result)
-    print(f"final val_loss {result['val_loss']:.4f} at step {result['step']} from {result['base']} "
-          f"(run dir {result['run_dir']})")
+    print(
+        f"final val_loss {result['val_loss']:.4f} at step {result['step']} from {result['base']} "
+        f"(run dir {result['run_dir']})"
+    )
 
 
 def _preempted(result) -> int:
@@ -150,9 +152,16 @@ def parser() -> argparse.ArgumentParser:
     ck.add_argument("run_dir", help="run directory")
     ck.set_defaults(func=_checkpoints)
 
-    pln = sub.add_parser("plan", help="compile the train step for a TPU slice or GPU nodes here (no accelerator): memory, FLOPs, step time")
+    pln = sub.add_parser(
+        "plan",
+        help="compile the train step for a TPU slice or GPU nodes here (no accelerator): memory, FLOPs, step time",
+    )
     pln.add_argument("--config", required=True)
-    pln.add_argument("--topology", required=True, help="TPU slice (v5p-256, v5litepod-16, v6e-64, v5p:4x4x8) or H100 nodes of 8 (h100-8, h100-16)")
+    pln.add_argument(
+        "--topology",
+        required=True,
+        help="TPU slice (v5p-256, v5litepod-16, v6e-64, v5p:4x4x8) or H100 nodes of 8 (h100-8, h100-16)",
+    )
     pln.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
     pln.add_argument("--search", action="store_true", help="try mesh degrees and remat policies, rank those that fit")
     pln.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=512")
@@ -172,7 +181,6 @@ def parser() -> argparse.ArgumentParser:
     loc.add_argument("--devices-per-process", type=int, default=4)
     loc.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then a podtrain command, e.g. -- pretrain ...")
     loc.set_defaults(func=_launch_local)
-
 
     exp = sub.add_parser("export", help="write a run's weights for transformers (hf) or as safetensors")
     exp.add_argument("run", help="run directory, optionally RUN_DIR:STEP (default: latest checkpoint)")

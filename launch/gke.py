@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from podtrain.launch.submission import JOB_CONFIG, Submission, job_config, resource_name
-from podtrain.plan import topology
 from podtrain.parallel import distributed
+from podtrain.plan import topology
 from podtrain.train.config import Config
 
 CONFIG_DIR = "/etc/podtrain"
@@ -54,13 +54,16 @@ def manifests(cfg: Config) -> list[dict]:
     name = resource_name(cfg.launch.job_name)
     ns = cfg.launch.namespace
     config_map = {
-        "apiVersion": "v1", "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
         "metadata": {"name": f"{name}-config", "namespace": ns},
         "data": {JOB_CONFIG: job_config(cfg, tpu_slices=True)},
     }
     # The process id needs arithmetic on two annotations; nothing user-given is in this line.
-    start = (f"export {distributed.ENV_PROCESS_ID}=$((PODTRAIN_SLICE_INDEX * {sl.hosts} + PODTRAIN_HOST_INDEX)) && "
-             f"exec podtrain pretrain --config {CONFIG_DIR}/{JOB_CONFIG}")
+    start = (
+        f"export {distributed.ENV_PROCESS_ID}=$((PODTRAIN_SLICE_INDEX * {sl.hosts} + PODTRAIN_HOST_INDEX)) && "
+        f"exec podtrain pretrain --config {CONFIG_DIR}/{JOB_CONFIG}"
+    )
     container = {
         "name": "podtrain",
         "image": cfg.launch.image,
@@ -80,9 +83,11 @@ def manifests(cfg: Config) -> list[dict]:
         "volumes": [{"name": "config", "configMap": {"name": f"{name}-config"}}],
     }
     jobset = {
-        "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
         "metadata": {
-            "name": name, "namespace": ns,
+            "name": name,
+            "namespace": ns,
             "annotations": {
                 "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool",
                 "podtrain/job-name": cfg.launch.job_name,
@@ -91,15 +96,21 @@ def manifests(cfg: Config) -> list[dict]:
         "spec": {
             "failurePolicy": {"maxRestarts": 0},
             "network": {"enableDNSHostnames": True},
-            "replicatedJobs": [{
-                "name": REPLICATED_JOB,
-                "replicas": cfg.launch.num_slices,
-                "template": {"spec": {
-                    "parallelism": sl.hosts, "completions": sl.hosts, "completionMode": "Indexed",
-                    "backoffLimit": 0,
-                    "template": {"spec": pod},
-                }},
-            }],
+            "replicatedJobs": [
+                {
+                    "name": REPLICATED_JOB,
+                    "replicas": cfg.launch.num_slices,
+                    "template": {
+                        "spec": {
+                            "parallelism": sl.hosts,
+                            "completions": sl.hosts,
+                            "completionMode": "Indexed",
+                            "backoffLimit": 0,
+                            "template": {"spec": pod},
+                        }
+                    },
+                }
+            ],
         },
     }
     return [config_map, jobset]

@@ -54,8 +54,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 class LocalJob:
     """P running processes of one podtrain command; `wait()` watches them and returns the exit code."""
 
-    def __init__(self, args: list[str], processes: int, devices_per_process: int, out=None, port: int = 0,
-                 heartbeat_s: int = distributed.HEARTBEAT_TIMEOUT_S):
+    def __init__(
+        self,
+        args: list[str],
+        processes: int,
+        devices_per_process: int,
+        out=None,
+        port: int = 0,
+        heartbeat_s: int = distributed.HEARTBEAT_TIMEOUT_S,
+    ):
         if processes < 1 or devices_per_process < 1:
             raise ValueError(f"processes={processes} and devices_per_process={devices_per_process} must be >= 1")
         self.out = out or sys.stdout
@@ -66,8 +73,13 @@ class LocalJob:
             job = distributed.Job(coordinator, processes, pid, devices_per_process, heartbeat_s)
             env = {**os.environ, **job.env(), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
-                [sys.executable, "-m", "podtrain.launch.cli", *args], env=env, text=True, bufsize=1,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                [sys.executable, "-m", "podtrain.launch.cli", *args],
+                env=env,
+                text=True,
+                bufsize=1,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             thread = threading.Thread(target=_stream, args=(proc, f"[p{pid}]", self.out, self.lock), daemon=True)
             thread.start()
@@ -118,8 +130,19 @@ def launch(args: list[str], processes: int, devices_per_process: int, out=None) 
 def submission(cfg: Config, stage: Path) -> Submission:
     """`podtrain submit --target local`: `podtrain launch local` of the staged job config."""
     path = stage / JOB_CONFIG
-    cmd = [sys.executable, "-m", "podtrain.launch.cli", "launch", "local",
-           "--processes", str(cfg.launch.local_processes),
-           "--devices-per-process", str(cfg.launch.local_devices_per_process),
-           "--", "pretrain", "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "podtrain.launch.cli",
+        "launch",
+        "local",
+        "--processes",
+        str(cfg.launch.local_processes),
+        "--devices-per-process",
+        str(cfg.launch.local_devices_per_process),
+        "--",
+        "pretrain",
+        "--config",
+        str(path),
+    ]
     return Submission({path: job_config(cfg)}, [cmd], tool=sys.executable)

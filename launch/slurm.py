@@ -38,15 +38,29 @@ def script(cfg: Config, config_path: Path) -> str:
     ]
     if lc.slurm_partition:
         directives.append(f"--partition={lc.slurm_partition}")
-    run = ["srun", "--kill-on-bad-exit=1", "python3", "-m", "podtrain.launch.cli", "pretrain", "--config", str(config_path)]
-    return "\n".join([
-        "#!/usr/bin/env bash",
-        *(f"#SBATCH {d}" for d in directives),
-        "set -euo pipefail",
-        f"export PODTRAIN_JOB_NAME={shlex.quote(lc.job_name)}",
-        "export PODTRAIN_DISTRIBUTED=auto",
-        shlex.join(run),
-    ]) + "\n"
+    run = [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "python3",
+        "-m",
+        "podtrain.launch.cli",
+        "pretrain",
+        "--config",
+        str(config_path),
+    ]
+    return (
+        "\n".join(
+            [
+                "#!/usr/bin/env bash",
+                *(f"#SBATCH {d}" for d in directives),
+                "set -euo pipefail",
+                f"export PODTRAIN_JOB_NAME={shlex.quote(lc.job_name)}",
+                "export PODTRAIN_DISTRIBUTED=auto",
+                shlex.join(run),
+            ]
+        )
+        + "\n"
+    )
 
 
 def submission(cfg: Config, stage: Path) -> Submission:

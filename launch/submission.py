@@ -22,8 +22,20 @@ from podtrain.train.config import Config, ConfigError
 JOB_CONFIG = "job.yaml"
 HEREDOC = "PODTRAIN_EOF"
 # What a worker needs of this checkout to `pip install` podtrain: pyproject.toml's package-dir folders.
-SOURCES = ("pyproject.toml", "README.md", "podtrain", "model", "parallel", "data", "train", "inference", "interop",
-           "plan", "launch", "configs")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "podtrain",
+    "model",
+    "parallel",
+    "data",
+    "train",
+    "inference",
+    "interop",
+    "plan",
+    "launch",
+    "configs",
+)
 
 
 class ToolMissing(ConfigError):
@@ -54,8 +66,12 @@ class Submission:
         for path, text in self.files.items():
             if any(line == HEREDOC for line in text.splitlines()):
                 raise ValueError(f"{path} contains the line {HEREDOC}")
-            lines += [f"mkdir -p {shlex.quote(str(path.parent))}",
-                      f"cat > {shlex.quote(str(path))} <<'{HEREDOC}'", text.rstrip("\n"), HEREDOC]
+            lines += [
+                f"mkdir -p {shlex.quote(str(path.parent))}",
+                f"cat > {shlex.quote(str(path))} <<'{HEREDOC}'",
+                text.rstrip("\n"),
+                HEREDOC,
+            ]
         lines += [shlex.join(cmd) for cmd in self.commands]
         return "\n".join(lines) + "\n"
 

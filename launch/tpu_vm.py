@@ -36,22 +36,28 @@ def _where(cfg: Config) -> list[str]:
 
 def worker_command(cfg: Config) -> str:
     """The shell command every worker runs (no user string is left unquoted)."""
-    return " && ".join([
-        f"cd {REMOTE_DIR}",
-        "python3 -m pip install -q -e '.[tpu]'",
-        f"PODTRAIN_DISTRIBUTED=auto PODTRAIN_JOB_NAME={shlex.quote(cfg.launch.job_name)} "
-        f"python3 -m podtrain.launch.cli pretrain --config {shlex.quote(JOB_CONFIG)}",
-    ])
+    return " && ".join(
+        [
+            f"cd {REMOTE_DIR}",
+            "python3 -m pip install -q -e '.[tpu]'",
+            f"PODTRAIN_DISTRIBUTED=auto PODTRAIN_JOB_NAME={shlex.quote(cfg.launch.job_name)} "
+            f"python3 -m podtrain.launch.cli pretrain --config {shlex.quote(JOB_CONFIG)}",
+        ]
+    )
 
 
 def wait_until_active(group: list[str], name: str, where: list[str]) -> list[str]:
     """A command that returns once the queued resource is ACTIVE, failing if it cannot become so."""
     describe = shlex.join([*group, "describe", name, *where, "--format=value(state.state)"])
-    return ["bash", "-c", (
-        f'until state=$({describe}) && [ "$state" = ACTIVE ]; do '
-        f'case "$state" in FAILED|SUSPENDING|SUSPENDED) echo "queued resource {name}: $state" >&2; exit 1;; esac; '
-        f'echo "queued resource {name}: ${{state:-unknown}}, waiting" >&2; sleep {POLL_S}; done'
-    )]
+    return [
+        "bash",
+        "-c",
+        (
+            f'until state=$({describe}) && [ "$state" = ACTIVE ]; do '
+            f'case "$state" in FAILED|SUSPENDING|SUSPENDED) echo "queued resource {name}: $state" >&2; exit 1;; esac; '
+            f'echo "queued resource {name}: ${{state:-unknown}}, waiting" >&2; sleep {POLL_S}; done'
+        ),
+    ]
 
 
 def submission(cfg: Config, stage: Path) -> Submission:
@@ -62,14 +68,27 @@ def submission(cfg: Config, stage: Path) -> Submission:
     sources = [str(repo_root() / s) for s in SOURCES] + [str(config_file)]
     if cfg.launch.num_slices == 1:
         group = ["gcloud", "compute", "tpus", "tpu-vm"]
-        create = [*group, "create", name, f"--accelerator-type={sl.accelerator_type}",
-                  f"--version={cfg.launch.runtime_version}", *where]
+        create = [
+            *group,
+            "create",
+            name,
+            f"--accelerator-type={sl.accelerator_type}",
+            f"--version={cfg.launch.runtime_version}",
+            *where,
+        ]
         workers, wait = ["--worker=all"], []
     else:
         group = ["gcloud", "compute", "tpus", "queued-resources"]
-        create = [*group, "create", name, f"--node-count={cfg.launch.num_slices}", f"--node-prefix={name}",
-                  f"--accelerator-type={sl.accelerator_type}", f"--runtime-version={cfg.launch.runtime_version}",
-                  *where]
+        create = [
+            *group,
+            "create",
+            name,
+            f"--node-count={cfg.launch.num_slices}",
+            f"--node-prefix={name}",
+            f"--accelerator-type={sl.accelerator_type}",
+            f"--runtime-version={cfg.launch.runtime_version}",
+            *where,
+        ]
         workers, wait = ["--worker=all", "--node=all"], [wait_until_active(group, name, where)]
     commands = [
         create,

@@ -120,8 +120,7 @@ class ModelConfig:
         if self.head_dim == 0:
             check(
                 self.d_model % self.num_heads == 0,
-                f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} "
-                f"(or set model.head_dim)",
+                f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} (or set model.head_dim)",
             )
         check(
             self.num_heads % self.num_kv_heads == 0,

@@ -152,8 +152,12 @@ def blocked_dispatch(expert_M: jax.Array, num_experts: int, block: int) -> Dispa
     dest_M = jnp.where(valid, starts_E[jnp.minimum(expert_M, num_experts - 1)] + rank_M, n_blocks * block)
     block_expert_N = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(n_blocks), side="right"), num_experts - 1)
     return Dispatch(
-        dest_M, n_blocks * block, "blocked",
-        block_expert_N=block_expert_N.astype(jnp.int32), used_blocks=ends_E[-1], block=block,
+        dest_M,
+        n_blocks * block,
+        "blocked",
+        block_expert_N=block_expert_N.astype(jnp.int32),
+        used_blocks=ends_E[-1],
+        block=block,
     )
 
 
@@ -341,14 +345,16 @@ def statistics(r: Routing, kept_M: jax.Array, cfg: MoEConfig, batch_axes) -> dic
     psum = (lambda x: jax.lax.psum(x, batch_axes)) if batch_axes else (lambda x: x)
     counts_E = jnp.zeros(e, F32).at[r.experts_TK.reshape(-1)].add(1.0)
     log_probs_TE = jnp.log(jnp.maximum(r.probs_TE, 1e-30))
-    sums = psum({
-        "tokens": jnp.asarray(r.probs_TE.shape[0], F32),
-        "counts_E": counts_E,
-        "kept": jnp.sum(kept_M.astype(F32)),
-        "probs_E": jnp.sum(r.probs_TE, axis=0),
-        "entropy": -jnp.sum(r.probs_TE * log_probs_TE),
-        "z": jnp.sum(jnp.square(jax.nn.logsumexp(r.logits_TE, axis=-1))),
-    })
+    sums = psum(
+        {
+            "tokens": jnp.asarray(r.probs_TE.shape[0], F32),
+            "counts_E": counts_E,
+            "kept": jnp.sum(kept_M.astype(F32)),
+            "probs_E": jnp.sum(r.probs_TE, axis=0),
+            "entropy": -jnp.sum(r.probs_TE * log_probs_TE),
+            "z": jnp.sum(jnp.square(jax.nn.logsumexp(r.logits_TE, axis=-1))),
+        }
+    )
     n = sums["tokens"]
     load_E = sums["counts_E"] / (n * k)
     lb_loss = e * jnp.sum(load_E * sums["probs_E"] / n)
@@ -397,7 +403,11 @@ class MoE(nnx.Module):
 
     def experts(self) -> dict:
         dt = self.dtype
-        return {"gate": self.w_gate[...].astype(dt), "up": self.w_up[...].astype(dt), "down": self.w_down[...].astype(dt)}
+        return {
+            "gate": self.w_gate[...].astype(dt),
+            "up": self.w_up[...].astype(dt),
+            "down": self.w_down[...].astype(dt),
+        }
 
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
         fn = partial(routed, cfg=self.moe, train=not self.deterministic)
@@ -416,8 +426,11 @@ class MoE(nnx.Module):
         y_BTD = y_BTD.astype(self.dtype)
         if hasattr(self, "shared_gate"):
             dt = self.dtype
-            w = {"gate": self.shared_gate[...].astype(dt), "up": self.shared_up[...].astype(dt),
-                 "down": self.shared_down[...].astype(dt)}
+            w = {
+                "gate": self.shared_gate[...].astype(dt),
+                "up": self.shared_up[...].astype(dt),
+                "down": self.shared_down[...].astype(dt),
+            }
             y_BTD = y_BTD + shared_ffn(x_BTD, w)
         return y_BTD, stats
 

@@ -155,12 +155,12 @@ class MoEUnit(nnx.Module):
 
     def __call__(self, x_BTD, rope_BT: Rope, mask_BTS, cache=None, cache_index=None):
         """cache: {'k', 'v'} with a leading axis over the unit's `every` layers."""
-        caches = []
+        caches, stats = [], {}
         dense = [getattr(self, f"dense_{i}") for i in range(self.num_dense)]
         for i, block in enumerate([self.moe_block, *dense]):
-            layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+            layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
             x_BTD, new_cache, out = block(x_BTD, rope_BT, mask_BTS, layer_cache, cache_index)
-            stats = out if i == 0 else stats
+            stats = out if i == 0 else stats  # the unit's statistics are its MoE block's
             caches.append(new_cache)
         new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
         return x_BTD, new_cache, stats
@@ -235,15 +235,17 @@ class Transformer(nnx.Module):
             x_BTD, (new_cache, _) = run(self.blocks, n_dense, x_BTD, dense_cache)
         if moe.enabled:
             every, units = moe.every, cfg.num_moe_layers
-            unit_cache = None if cache is None else jax.tree.map(
-                lambda c: c[n_dense:].reshape(units, every, *c.shape[1:]), cache
+            unit_cache = (
+                None
+                if cache is None
+                else jax.tree.map(lambda c: c[n_dense:].reshape(units, every, *c.shape[1:]), cache)
             )
             x_BTD, (unit_new_cache, stats) = run(self.moe_units, units, x_BTD, unit_cache)
             self.sow(nnx.Intermediate, "moe_stats", stats)
             if cache is not None:
                 flat = jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), unit_new_cache)
-                new_cache = flat if new_cache is None else jax.tree.map(
-                    lambda a, b: jnp.concatenate([a, b]), new_cache, flat
+                new_cache = (
+                    flat if new_cache is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), new_cache, flat)
                 )
 
         x_BTD = self.final_norm(x_BTD)

@@ -17,8 +17,8 @@ ENV_AUTO = "PODTRAIN_DISTRIBUTED"
 
 
 def detect(environ=os.environ) -> str | None:
-    """'slurm', 'gke-tpu', 'auto' (PODTRAIN_DISTRIBUTED=auto: let JAX probe, e.g. on TPU VMs), or None when this process runs alone (or under podtrain's own
-    launcher variables)."""
+    """'slurm', 'gke-tpu', 'auto' (PODTRAIN_DISTRIBUTED=auto: let JAX probe, e.g. on TPU VMs), or
+    None when this process runs alone (or under podtrain's own launcher variables)."""
     if "PODTRAIN_COORDINATOR" in environ:  # parallel/distributed.py's own launcher variables
         return None
     if "SLURM_JOB_ID" in environ and "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:

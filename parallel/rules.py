@@ -118,8 +118,12 @@ def process_batch_slice(sharding: NamedSharding, global_batch: int) -> tuple[int
     Read from the sharding, so it holds for any mesh: with `data` across processes each process
     feeds its own block; with `tensor` across processes several processes feed the same rows.
     """
-    rows = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
-                   for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+    rows = sorted(
+        {
+            (s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+            for s in sharding.addressable_devices_indices_map((global_batch,)).values()
+        }
+    )
     start, stop = rows[0][0], rows[-1][1]
     covered = sum(b - a for a, b in rows)
     size = stop - start

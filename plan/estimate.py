@@ -43,18 +43,25 @@ import time
 import jax
 import jax.numpy as jnp
 
-from podtrain.plan import topology
 from podtrain.model.config import REMAT_POLICIES
-from podtrain.parallel import devices as chips, mesh as meshes, rules
+from podtrain.parallel import devices as chips
+from podtrain.parallel import mesh as meshes
+from podtrain.parallel import rules
 from podtrain.parallel.config import AXES
-from podtrain.train import config as configs, optim, state as states, step as steps, validate
+from podtrain.plan import topology
+from podtrain.train import config as configs
+from podtrain.train import optim, validate
+from podtrain.train import state as states
+from podtrain.train import step as steps
 from podtrain.train.config import Config, ConfigError
 
 GiB = 2**30
 # The TPU compiler's out-of-memory messages: "... Used 130.5G of 95.74G hbm ..." or "... the total
 # memory required for HLO temporaries (70.46G) exceeds available HBM (15.75G)".
-OOM = (re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
-       re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"))
+OOM = (
+    re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
+    re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"),
+)
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # A ragged_dot Mosaic kernel in compiled TPU HLO: `%name = f32[ROWS,N]{...} custom-call(...)` with a
 # ragged_dot_tiling attribute ("tile rows,tile k,tile n") and the kernel's static cost estimate.
@@ -84,8 +91,11 @@ class Memory:
     def of(cls, compiled) -> "Memory":
         m = compiled.memory_analysis()
         return cls(
-            m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-            m.temp_size_in_bytes, m.generated_code_size_in_bytes,
+            m.argument_size_in_bytes,
+            m.output_size_in_bytes,
+            m.alias_size_in_bytes,
+            m.temp_size_in_bytes,
+            m.generated_code_size_in_bytes,
         )
 
 
@@ -189,7 +199,9 @@ def compile_step(cfg: Config, devs):
     lay = states.layout(cfg.model, tx, mesh)
     train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
     shape = (cfg.train.batch_size, cfg.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rules.batch_sharding(mesh)) for k in ("inputs", "targets")}
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rules.batch_sharding(mesh)) for k in ("inputs", "targets")
+    }
     return train_step.lower(lay.abstract, batch).compile(), mesh
 
 
@@ -204,7 +216,6 @@ def _compile_or_oom(cfg: Config, devs):
             raise
         line = next(line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line)
         return None, OutOfMemory(float(m.group(1)) * UNITS[m.group(2)], float(m.group(3)) * UNITS[m.group(4)], line)
-
 
 
 def routed_rows_per_chip(cfg: Config, devs) -> tuple[float, int]:
@@ -279,9 +290,16 @@ def estimate(cfg: Config, devs, per_layer=None) -> Estimate:
     kind = devs[0].device_kind
     mesh, _ = meshes.resolve_degrees(cfg.mesh, len(devs))
     return Estimate(
-        mesh=dict(zip(AXES, mesh)), dcn=dict(zip(AXES, cfg.mesh.dcn)), remat=cfg.model.remat,
-        device_kind=kind, chips=len(devs), hbm=chips.published(chips.PUBLISHED_HBM, kind) or math.inf,
-        memory=Memory.of(compiled) if compiled else None, oom=oom, flops=flops, cost_analysis_flops=charged,
+        mesh=dict(zip(AXES, mesh)),
+        dcn=dict(zip(AXES, cfg.mesh.dcn)),
+        remat=cfg.model.remat,
+        device_kind=kind,
+        chips=len(devs),
+        hbm=chips.published(chips.PUBLISHED_HBM, kind) or math.inf,
+        memory=Memory.of(compiled) if compiled else None,
+        oom=oom,
+        flops=flops,
+        cost_analysis_flops=charged,
         bytes_accessed=bytes_,
         model_flops=cfg.model.flops_per_token(cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len,
         peak_flops=chips.published(chips.PUBLISHED_PEAK, kind),
@@ -372,17 +390,23 @@ def flops_lines(est: Estimate, cfg: Config) -> list[str]:
 
 def _disagreement(est: Estimate, cfg: Config) -> str:
     if est.flops_ratio < AGREE[0]:
-        return ("the compiled program does less than the model count (e.g. ops the cost analysis does not count, "
-                "such as library calls); the step time is too optimistic")
+        return (
+            "the compiled program does less than the model count (e.g. ops the cost analysis does not count, "
+            "such as library calls); the step time is too optimistic"
+        )
     moe = cfg.model.moe
     if moe.enabled and moe.dispatch == "capacity":
-        return ("capacity dispatch computes every expert's E x C slots, filled or not (capacity_factor x the "
-                "routed rows); the estimate keeps that work")
+        return (
+            "capacity dispatch computes every expert's E x C slots, filled or not (capacity_factor x the "
+            "routed rows); the estimate keeps that work"
+        )
     if moe.enabled and est.device_kind.startswith("TPU"):
-        return ("on TPU the weight gradient of lax.ragged_dot compiles to a dense masked matmul over every local "
-                "expert and every row of the expert buffer (with expert parallelism that buffer holds `expert` x the "
-                "routed rows), so the backward pass really does this extra work and the estimate keeps it "
-                "(megablox gmm's weight gradient, jax.experimental.pallas.ops.tpu.megablox, costs 1x)")
+        return (
+            "on TPU the weight gradient of lax.ragged_dot compiles to a dense masked matmul over every local "
+            "expert and every row of the expert buffer (with expert parallelism that buffer holds `expert` x the "
+            "routed rows), so the backward pass really does this extra work and the estimate keeps it "
+            "(megablox gmm's weight gradient, jax.experimental.pallas.ops.tpu.megablox, costs 1x)"
+        )
     return "the compiled program does work the model count leaves out; the estimate keeps it"
 
 
@@ -419,8 +443,10 @@ def search(cfg: Config, topology_name: str, num_slices: int = 1, log=print) -> l
     cfg = _plan_config(cfg, num_slices)
     devs = topology.devices(sl, num_slices)
     hbm = chips.published(chips.PUBLISHED_HBM, devs[0].device_kind) or math.inf
-    log(f"searching layouts for {num_slices} x {sl.accelerator_type} ({len(devs)} chips of {devs[0].device_kind}, "
-        f"{hbm / GiB:.1f} GiB HBM each) ...")
+    log(
+        f"searching layouts for {num_slices} x {sl.accelerator_type} ({len(devs)} chips of {devs[0].device_kind}, "
+        f"{hbm / GiB:.1f} GiB HBM each) ..."
+    )
     results, per_layer = [], {}
     for degrees in candidates(cfg, len(devs) // num_slices):
         mesh_cfg = configs.replace(cfg, mesh=degrees)
@@ -453,8 +479,10 @@ def search(cfg: Config, topology_name: str, num_slices: int = 1, log=print) -> l
 
 
 def table(ranked: list[Estimate]) -> str:
-    head = f"{'rank':>4}  {'data':>4} {'fsdp':>4} {'exp':>4} {'tens':>4}  {'remat':<13} {'GiB/chip':>9} {'HBM':>5}  " \
-           f"{'fits':<11} {'step':>10} {'MFU':>6}"
+    head = (
+        f"{'rank':>4}  {'data':>4} {'fsdp':>4} {'exp':>4} {'tens':>4}  {'remat':<13} {'GiB/chip':>9} {'HBM':>5}  "
+        f"{'fits':<11} {'step':>10} {'MFU':>6}"
+    )
     rows = [head]
     for i, e in enumerate(ranked, 1):
         m = e.mesh

@@ -31,8 +31,19 @@ GENERATIONS = {
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 # Chips -> shape of the standard slice shapes (3D torus for v4/v5p, 2D for v5e/v6e).
-SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+SHAPES_3D = {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+    4096: (16, 16, 16),
+}
 SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 CHIPS_PER_HOST = 4
 
@@ -219,8 +230,12 @@ def devices(sl: "Slice | GpuNodes", num_slices: int = 1):
     # No TPU is attached: let this process load libtpu even if another process holds its lock,
     # keep the default backend on the host CPU, and tell libtpu not to look for TPU workers (it
     # would query a metadata server and log errors about the missing ones).
-    for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
-                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_ACCELERATOR_TYPE", sl.accelerator_type)):
+    for key, value in (
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+        ("TPU_ACCELERATOR_TYPE", sl.accelerator_type),
+    ):
         os.environ.setdefault(key, value)
     import jax
     from jax.experimental import topologies
@@ -231,9 +246,7 @@ def devices(sl: "Slice | GpuNodes", num_slices: int = 1):
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise ConfigError(
-            "plan needs the libtpu wheel to compile for TPUs: pip install 'podtrain[tpu]'"
-        ) from None
+        raise ConfigError("plan needs the libtpu wheel to compile for TPUs: pip install 'podtrain[tpu]'") from None
     kwargs = {"chips_per_host_bounds": sl.chips_per_host_bounds}
     if GENERATIONS[sl.generation][0] == 2:
         kwargs["chip_config_name"] = "megacore"  # one device per chip, as on Cloud TPU

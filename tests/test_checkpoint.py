@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from podtrain.parallel import mesh as meshes
-from podtrain.train import checkpoint, integrity, loop, optim, state as states
+from podtrain.train import checkpoint, integrity, loop, optim
+from podtrain.train import state as states
 from podtrain.train.integrity import CorruptCheckpointWarning
 
 
@@ -71,13 +72,30 @@ def saved_run(tmp_path_factory, tfds_dir, shakespeare_dir):
     from podtrain.train import config as configs
 
     run = tmp_path_factory.mktemp("saved") / "run"
-    cfg = configs.load(None, [
-        "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.mlp_dim=64", "data.seq_len=16", "data.eval_batches=2", "train.batch_size=8",
-        "train.steps=4", "train.eval_every=2", "train.log_every=1", "train.warmup_steps=1",
-        "train.peak_flops=1e11", "mesh.devices=1", "run.progress=false", "checkpoint.every=2",
-        f"data.data_dir={tfds_dir}", f"data.manual_dir={shakespeare_dir}", f"run.dir={run}",
-    ])
+    cfg = configs.load(
+        None,
+        [
+            "model.num_layers=2",
+            "model.d_model=32",
+            "model.num_heads=4",
+            "model.num_kv_heads=2",
+            "model.mlp_dim=64",
+            "data.seq_len=16",
+            "data.eval_batches=2",
+            "train.batch_size=8",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "train.warmup_steps=1",
+            "train.peak_flops=1e11",
+            "mesh.devices=1",
+            "run.progress=false",
+            "checkpoint.every=2",
+            f"data.data_dir={tfds_dir}",
+            f"data.manual_dir={shakespeare_dir}",
+            f"run.dir={run}",
+        ],
+    )
     result = loop.pretrain(cfg)
     digests = {row["step"]: row["params_digest"] for row in checkpoint.listing(run)}
     assert sorted(digests) == [2, 4] and len(set(digests.values())) == 2
@@ -152,8 +170,14 @@ def test_no_valid_step_starts_from_scratch_with_a_warning(saved_run, tmp_path):
 
 def test_keeps_the_newest_and_the_best(tiny_config):
     """keep=1: the newest step and the one with the lowest val_loss survive; others are deleted."""
-    cfg = tiny_config("train.steps=6", "train.eval_every=2", "checkpoint.every=1", "checkpoint.keep=1",
-                      "train.lr=3e-2", "train.warmup_steps=0")
+    cfg = tiny_config(
+        "train.steps=6",
+        "train.eval_every=2",
+        "checkpoint.every=1",
+        "checkpoint.keep=1",
+        "train.lr=3e-2",
+        "train.warmup_steps=0",
+    )
     loop.pretrain(cfg)
     rows = checkpoint.listing(cfg.run.dir)
     losses = {r["step"]: r["val_loss"] for r in rows}
@@ -177,11 +201,16 @@ def test_saved_config_tokenizer_and_rng(saved_run):
     assert set(params) >= {"embed", "blocks", "final_norm"}
     lay = _layout(loop.resolve(cfg, 65))
     ckpts = checkpoint.Checkpoints(run)
-    restored = ckpts.mngr.restore(4, args=checkpoint.ocp.args.Composite(
-        state=checkpoint.ocp.args.StandardRestore(lay.abstract)))
+    restored = ckpts.mngr.restore(
+        4, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.StandardRestore(lay.abstract))
+    )
     ckpts.close()
-    want = states.init_state(cfg.model if cfg.model.vocab_size else loop.resolve(cfg, 65).model,
-                             optim.optimizer(cfg.train), lay, cfg.train.seed).rng
+    want = states.init_state(
+        cfg.model if cfg.model.vocab_size else loop.resolve(cfg, 65).model,
+        optim.optimizer(cfg.train),
+        lay,
+        cfg.train.seed,
+    ).rng
     np.testing.assert_array_equal(restored.state.rng, want)
 
 
@@ -197,8 +226,16 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_checkpoints_intact
     from podtrain.train.health import TrainingDiverged
 
     # lr 1e30: step 1 applies a finite but enormous update, after which every loss is non-finite
-    cfg = tiny_config("train.lr=1e30", "train.min_lr=0", "train.warmup_steps=0", "train.grad_clip=0",
-                      "train.steps=10", "train.max_bad_steps=3", "checkpoint.every=1", "checkpoint.keep=10")
+    cfg = tiny_config(
+        "train.lr=1e30",
+        "train.min_lr=0",
+        "train.warmup_steps=0",
+        "train.grad_clip=0",
+        "train.steps=10",
+        "train.max_bad_steps=3",
+        "checkpoint.every=1",
+        "checkpoint.keep=10",
+    )
     with pytest.raises(TrainingDiverged, match=r"3 consecutive steps had a non-finite loss.*max_bad_steps=3"):
         loop.pretrain(cfg)
     from podtrain.train import metrics
@@ -212,12 +249,15 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_checkpoints_intact
     assert max(r["step"] for r in listed) >= 3
 
 
-@pytest.mark.parametrize("spec, want", [
-    ("runs/a", (Path("runs/a"), None)),
-    ("runs/a:12", (Path("runs/a"), 12)),
-    ("runs/a:b", (Path("runs/a:b"), None)),  # not a step: part of the directory name
-    ("runs/a:5:7", (Path("runs/a:5"), 7)),
-    ("runs/a:", (Path("runs/a:"), None)),
-])
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("runs/a", (Path("runs/a"), None)),
+        ("runs/a:12", (Path("runs/a"), 12)),
+        ("runs/a:b", (Path("runs/a:b"), None)),  # not a step: part of the directory name
+        ("runs/a:5:7", (Path("runs/a:5"), 7)),
+        ("runs/a:", (Path("runs/a:"), None)),
+    ],
+)
 def test_run_specs_split_at_the_last_colon_before_a_step(spec, want):
     assert checkpoint.parse_run_spec(spec) == want

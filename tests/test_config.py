@@ -50,11 +50,28 @@ def _every_float_and_bool_changed(cls=configs.Config, prefix: str = "") -> list[
 def test_round_trip_with_non_default_values(tmp_path):
     # A value of every kind YAML might mangle: floats in exponent form, bools, strings, ints.
     overrides = _every_float_and_bool_changed() + [
-        "model.num_layers=3", "model.d_model=96", "model.num_heads=6", "model.num_kv_heads=3",
-        "model.head_dim=8", "model.vocab_size=300", "model.dtype=bfloat16", "model.scan_layers=scan",
-        "model.remat=dots", "data.tokenizer=byte", "data.seq_len=33", "data.data_dir=/tmp/some where",
-        "data.manual_dir=~/x:y", "train.lr=3e-4", "train.min_lr=1e-5", "train.steps=7", "train.seed=12",
-        "mesh.data=2", "mesh.fsdp=-1", "mesh.devices=4", "run.dir=runs/a b", "checkpoint.keep=1",
+        "model.num_layers=3",
+        "model.d_model=96",
+        "model.num_heads=6",
+        "model.num_kv_heads=3",
+        "model.head_dim=8",
+        "model.vocab_size=300",
+        "model.dtype=bfloat16",
+        "model.scan_layers=scan",
+        "model.remat=dots",
+        "data.tokenizer=byte",
+        "data.seq_len=33",
+        "data.data_dir=/tmp/some where",
+        "data.manual_dir=~/x:y",
+        "train.lr=3e-4",
+        "train.min_lr=1e-5",
+        "train.steps=7",
+        "train.seed=12",
+        "mesh.data=2",
+        "mesh.fsdp=-1",
+        "mesh.devices=4",
+        "run.dir=runs/a b",
+        "checkpoint.keep=1",
     ]
     cfg = configs.load(None, overrides)
     assert cfg != configs.Config()
@@ -131,7 +148,9 @@ def test_missing_config_file(tmp_path):
         configs.load(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text", ["model: [1, 2\n", "model:\n  d_model: 1\n bad\n", b"\xff\xfe\x00"], ids=["flow", "indent", "binary"])
+@pytest.mark.parametrize(
+    "text", ["model: [1, 2\n", "model:\n  d_model: 1\n bad\n", b"\xff\xfe\x00"], ids=["flow", "indent", "binary"]
+)
 def test_unparseable_config_file(tmp_path, text):
     path = tmp_path / "bad.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -153,5 +172,7 @@ def test_run_dir_of_another_config_is_refused_and_left_alone(tmp_path):
 def test_non_run_dir_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a podtrain run"):
-        loop.prepare_run_dir(configs.load(None, [f"run.dir={tmp_path}", "model.vocab_size=5"]), tokenizer.ByteTokenizer())
+        loop.prepare_run_dir(
+            configs.load(None, [f"run.dir={tmp_path}", "model.vocab_size=5"]), tokenizer.ByteTokenizer()
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

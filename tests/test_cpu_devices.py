@@ -21,8 +21,12 @@ def fresh_process(code: str, **env) -> str:
     """stdout of `code` in a new interpreter (the device count is fixed once a backend starts)."""
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PODTRAIN_COORDINATOR")}
     result = subprocess.run(
-        [sys.executable, "-c", code], env={**base, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **env},
-        capture_output=True, text=True, timeout=120, check=True,
+        [sys.executable, "-c", code],
+        env={**base, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     return result.stdout.split()
 
@@ -51,12 +55,15 @@ def test_a_large_model_gets_one_device():
 
 
 @pytest.mark.skipif(CORES < 2, reason="needs 2 cores")
-@pytest.mark.parametrize("overrides, want", [
-    ([], "per core"),  # d_model 128
-    (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8"], "1"),
-    (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.data=2"], "per core"),  # asked for
-    (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.devices=2"], "per core"),
-])
+@pytest.mark.parametrize(
+    "overrides, want",
+    [
+        ([], "per core"),  # d_model 128
+        (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8"], "1"),
+        (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.data=2"], "per core"),  # asked for
+        (["model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "mesh.devices=2"], "per core"),
+    ],
+)
 def test_pretrain_picks_the_layout_from_the_model_unless_the_mesh_asks(overrides, want):
     code = RULE_PROBE.replace("OVERRIDES", repr(overrides))
     assert fresh_process(code) == [PER_CORE_12 if want == "per core" else want]
@@ -81,10 +88,13 @@ def test_pretrain_from_python_lays_out_the_cpu_like_the_cli(tiny_config, tmp_pat
     assert fresh_process(cli_run)[-1] == fresh_process(library_run)[-1] == per_core
 
 
-@pytest.mark.parametrize("env", [
-    {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},  # the user's count
-    {"PODTRAIN_COORDINATOR": "127.0.0.1:1"},  # a launcher's job sets its own count
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},  # the user's count
+        {"PODTRAIN_COORDINATOR": "127.0.0.1:1"},  # a launcher's job sets its own count
+    ],
+)
 def test_a_count_set_elsewhere_is_left_alone(env):
     n, count = fresh_process(PROBE.format(12), **env)
     assert n == "0"

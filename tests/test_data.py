@@ -111,7 +111,7 @@ def test_char_tokenizer_round_trips_the_corpus(texts, tmp_path):
 
 
 def test_char_tokenizer_non_ascii_and_unknown_characters(tmp_path):
-    text = "naïve café — Ωμέγα 世界 🙂\n\t\"quoted\"\\"
+    text = 'naïve café — Ωμέγα 世界 🙂\n\t"quoted"\\'
     tok = tokenizer.build("char", text)
     assert tok.decode(tok.encode(text)) == text
     tokenizer.save(tok, tmp_path)

@@ -17,9 +17,9 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from podtrain.data import tokenizer  # noqa: E402
-from podtrain.launch import cli  # noqa: E402
 from podtrain.inference import weights  # noqa: E402
 from podtrain.interop import export  # noqa: E402
+from podtrain.launch import cli  # noqa: E402
 from podtrain.train import config as configs  # noqa: E402
 from podtrain.train.config import ConfigError  # noqa: E402
 
@@ -37,20 +37,35 @@ def assert_logits_match(theirs, ours, what: str) -> None:
 def random_run(run_dir, tok=None, seed=0, moe=None, **model) -> tuple[configs.Config, dict, dict]:
     """A run dir with random weights (norm scales and router biases too, so a misplaced one shows)."""
     tok = tok or tokenizer.CharTokenizer(CHARS)
-    model = {"vocab_size": 67, "num_layers": 3, "d_model": 48, "num_heads": 6, "num_kv_heads": 3,
-             "mlp_dim": 37, "rope_theta": 500.0, "norm_eps": 1e-6, "init_std": 0.2, "moe": moe or {}, **model}
+    model = {
+        "vocab_size": 67,
+        "num_layers": 3,
+        "d_model": 48,
+        "num_heads": 6,
+        "num_kv_heads": 3,
+        "mlp_dim": 37,
+        "rope_theta": 500.0,
+        "norm_eps": 1e-6,
+        "init_std": 0.2,
+        "moe": moe or {},
+        **model,
+    }
     sections = {"model": model, "data": {"tokenizer": tok.kind, "seq_len": 32}, "run": {"dir": str(run_dir)}}
     cfg = configs.from_dict(sections)
     _, abstract_params, abstract_buffers = weights.abstract_trees(cfg)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
     keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
-    params = jax.tree.unflatten(treedef, [
-        np.asarray((1.0 if path[-1].key == "scale" else 0.0) + 0.2 * jax.random.normal(k, x.shape), np.float32)
-        for k, (path, x) in zip(keys, leaves)
-    ])
+    params = jax.tree.unflatten(
+        treedef,
+        [
+            np.asarray((1.0 if path[-1].key == "scale" else 0.0) + 0.2 * jax.random.normal(k, x.shape), np.float32)
+            for k, (path, x) in zip(keys, leaves)
+        ],
+    )
     # router biases >= 0 (see hf.check_router_bias), large enough to change which experts win
-    buffers = jax.tree.map(lambda x: np.asarray(jax.random.uniform(keys[-1], x.shape, maxval=0.5), np.float32),
-                           abstract_buffers)
+    buffers = jax.tree.map(
+        lambda x: np.asarray(jax.random.uniform(keys[-1], x.shape, maxval=0.5), np.float32), abstract_buffers
+    )
     export.write_run(cfg, tok, params, buffers, run_dir)
     return cfg, params, buffers
 
@@ -73,8 +88,9 @@ def assert_same_tensors(path_a, path_b) -> None:
 def hf_logits(directory, tokens_BT) -> np.ndarray:
     # eager experts: a plain loop over experts (torch's grouped_mm on CPU needs 16-byte strides,
     # which the deliberately odd expert widths here do not have)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                              experts_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, experts_implementation="eager"
+    )
     model.eval()
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens_BT), dtype=torch.long)).logits.numpy()
@@ -126,9 +142,19 @@ def test_own_safetensors_format_keeps_our_names(tmp_path):
     out = export.export(tmp_path / "run", tmp_path / "st", fmt="safetensors")
     tensors = load_file(out / "model.safetensors")
     assert tensors.keys() == {"embed", "final_norm.scale", "lm_head"} | {
-        f"blocks.{i}.{p}" for i in range(3) for p in (
-            "attn_norm.scale", "attn.wq", "attn.wk", "attn.wv", "attn.wo",
-            "mlp_norm.scale", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
+        f"blocks.{i}.{p}"
+        for i in range(3)
+        for p in (
+            "attn_norm.scale",
+            "attn.wq",
+            "attn.wk",
+            "attn.wv",
+            "attn.wo",
+            "mlp_norm.scale",
+            "mlp.w_gate",
+            "mlp.w_up",
+            "mlp.w_down",
+        )
     }
     np.testing.assert_array_equal(tensors["blocks.2.attn.wq"], params["blocks"]["attn"]["wq"][2])
     np.testing.assert_array_equal(tensors["embed"], params["embed"])
@@ -138,9 +164,18 @@ def test_own_safetensors_format_keeps_our_names(tmp_path):
 def random_llama(directory, **overrides):
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=67, hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=3, rms_norm_eps=1e-6, max_position_embeddings=64, initializer_range=0.2,
-        rope_parameters={"rope_type": "default", "rope_theta": 700.0}, bos_token_id=None, eos_token_id=None,
+        vocab_size=67,
+        hidden_size=48,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 700.0},
+        bos_token_id=None,
+        eos_token_id=None,
         **overrides,
     )
     model = transformers.LlamaForCausalLM(hf_cfg)
@@ -160,8 +195,11 @@ def test_import_llama_gives_same_logits_and_round_trips_bitwise(tmp_path, tie):
     cfg, params, buffers = loaded.cfg, loaded.params, loaded.buffers
     assert loaded.step == 0 and loaded.tok is None and cfg.model.tie_embeddings is tie and cfg.model.num_kv_heads == 3
     ids = tokens(cfg)
-    assert_logits_match(hf_logits(tmp_path / "llama", ids), podtrain_logits(cfg, params, buffers, ids),
-                        f"import llama {'tied' if tie else 'untied'}")
+    assert_logits_match(
+        hf_logits(tmp_path / "llama", ids),
+        podtrain_logits(cfg, params, buffers, ids),
+        f"import llama {'tied' if tie else 'untied'}",
+    )
 
     out = export.export(run, tmp_path / "again")
     assert_same_tensors(tmp_path / "llama" / "model.safetensors", out / "model.safetensors")
@@ -222,8 +260,9 @@ def hf_greedy(directory, prompt: str, max_new_tokens: int) -> str:
     # an explicit mask: without one, generate masks every prompt token equal to pad_token_id
     # (id 0 is '\n' in the char tokenizer), and it needs some pad_token_id (our models have none)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+        )
     return tok.decode(out[0].tolist())
 
 
@@ -236,7 +275,7 @@ def heldout_dir(tmp_path, tfds_dir):
     held = tmp_path / "heldout"
     held.mkdir()
     (held / "train.txt").write_text(text[: int(len(text) * 0.8)])
-    (held / "validation.txt").write_text(text[int(len(text) * 0.8):])
+    (held / "validation.txt").write_text(text[int(len(text) * 0.8) :])
     return held
 
 
@@ -252,14 +291,20 @@ def test_pretrain_finetune_export_gives_the_same_greedy_text(tiny_config, tmp_pa
     base = tiny_config(*model, "train.steps=150", "train.eval_every=150")
     loop.pretrain(base)
     held = heldout_dir(tmp_path, tfds_dir)
-    tune = ("data.dataset=text_files", f"data.manual_dir={held}", f"finetune.init_from={base.run.dir}",
-            "train.steps=10", "train.eval_every=10", "train.lr=1e-3")
+    tune = (
+        "data.dataset=text_files",
+        f"data.manual_dir={held}",
+        f"finetune.init_from={base.run.dir}",
+        "train.steps=10",
+        "train.eval_every=10",
+        "train.lr=1e-3",
+    )
     ft = tiny_config(*model, *tune, f"run.dir={tmp_path / 'ft'}")
     finetune.finetune(ft)
     out = export.export(ft.run.dir, tmp_path / "hf")
     prompt, n = "ROMEO:\nWhat ", 36  # prompt + new tokens <= seq_len: no window refill in podtrain
     ours = generate.sample_run(ft.run.dir, prompt, n, temperature=0)
-    assert len(set(ours[len(prompt):])) > 1  # not a degenerate single-character run
+    assert len(set(ours[len(prompt) :])) > 1  # not a degenerate single-character run
     assert hf_greedy(out, prompt, n) == ours
 
     lora = tiny_config(*model, *tune, "finetune.mode=lora", "finetune.lora_rank=2", f"run.dir={tmp_path / 'lora'}")
@@ -284,18 +329,33 @@ def test_imported_model_can_be_fine_tuned_sampled_and_exported(tmp_path, tfds_di
     assert generate.sample_run(run, "ROMEO:", 8, temperature=0).startswith("ROMEO:")
     held = heldout_dir(tmp_path, tfds_dir)
     model = [f"model.{k}={v}" for k, v in configs.to_dict(cfg)["model"].items()]
-    ft = configs.load(None, model + [
-        "data.seq_len=32", "data.eval_batches=2", "data.dataset=text_files", f"data.manual_dir={held}",
-        f"data.data_dir={tfds_dir}", "train.steps=3", "train.eval_every=3", "train.batch_size=4", "train.log_every=1",
-        "train.peak_flops=1e11", "mesh.devices=1", "run.progress=false", f"finetune.init_from={run}",
-        f"run.dir={tmp_path / 'ft'}",
-    ])
+    ft = configs.load(
+        None,
+        model
+        + [
+            "data.seq_len=32",
+            "data.eval_batches=2",
+            "data.dataset=text_files",
+            f"data.manual_dir={held}",
+            f"data.data_dir={tfds_dir}",
+            "train.steps=3",
+            "train.eval_every=3",
+            "train.batch_size=4",
+            "train.log_every=1",
+            "train.peak_flops=1e11",
+            "mesh.devices=1",
+            "run.progress=false",
+            f"finetune.init_from={run}",
+            f"run.dir={tmp_path / 'ft'}",
+        ],
+    )
     result = finetune.finetune(ft)
     assert np.isfinite(result["val_loss"])
     out = export.export(ft.run.dir, tmp_path / "hf2")
     ids = tokens(cfg)
-    assert_logits_match(hf_logits(out, ids), podtrain_logits(cfg, result["params"], {}, ids),
-                        "import -> fine-tune -> export")
+    assert_logits_match(
+        hf_logits(out, ids), podtrain_logits(cfg, result["params"], {}, ids), "import -> fine-tune -> export"
+    )
 
 
 def test_export_fetches_one_layer_at_a_time(tmp_path, monkeypatch):
@@ -313,14 +373,32 @@ def test_export_fetches_one_layer_at_a_time(tmp_path, monkeypatch):
 
 MIXTRAL_MOE = {"num_experts": 5, "top_k": 2, "expert_mlp_dim": 19, "router": "softmax_topk", "normalize_topk": True}
 DEEPSEEK_MOE = {  # DeepSeek-V3 routing: sigmoid, bias-corrected group-limited choice, scaling, shared experts
-    "num_experts": 6, "top_k": 2, "expert_mlp_dim": 19, "router": "sigmoid_bias", "normalize_topk": True,
-    "n_groups": 3, "topk_groups": 2, "routed_scaling": 2.5, "num_shared_experts": 1, "first_dense_layers": 1,
+    "num_experts": 6,
+    "top_k": 2,
+    "expert_mlp_dim": 19,
+    "router": "sigmoid_bias",
+    "normalize_topk": True,
+    "n_groups": 3,
+    "topk_groups": 2,
+    "routed_scaling": 2.5,
+    "num_shared_experts": 1,
+    "first_dense_layers": 1,
 }
 MOE_CASES = {
     "mixtral": (MIXTRAL_MOE, "MixtralForCausalLM"),
     "deepseek_routing": (DEEPSEEK_MOE, "Glm4MoeForCausalLM"),
-    "sigmoid_plain": ({**DEEPSEEK_MOE, "n_groups": 1, "topk_groups": 1, "num_shared_experts": 0,
-                       "first_dense_layers": 0, "normalize_topk": False, "routed_scaling": 1.0}, "Glm4MoeForCausalLM"),
+    "sigmoid_plain": (
+        {
+            **DEEPSEEK_MOE,
+            "n_groups": 1,
+            "topk_groups": 1,
+            "num_shared_experts": 0,
+            "first_dense_layers": 0,
+            "normalize_topk": False,
+            "routed_scaling": 1.0,
+        },
+        "Glm4MoeForCausalLM",
+    ),
 }
 
 
@@ -336,13 +414,17 @@ def test_moe_export_matches_transformers_logits(tmp_path, case):
     assert_logits_match(theirs, ours, f"export MoE {case}")
 
 
-@pytest.mark.parametrize("moe, feature", [
-    ({**MIXTRAL_MOE, "normalize_topk": False}, "normalize_topk"),
-    ({**MIXTRAL_MOE, "num_shared_experts": 1}, "shared experts"),
-    ({**MIXTRAL_MOE, "every": 3}, "dense layers"),
-    ({**DEEPSEEK_MOE, "first_dense_layers": 0, "every": 3}, "model.moe.every=3"),
-    ({**DEEPSEEK_MOE, "shared_mlp_dim": 7}, "shared_mlp_dim"),
-], ids=["unnormalized", "shared", "interleaved", "glm_every", "shared_width"])
+@pytest.mark.parametrize(
+    "moe, feature",
+    [
+        ({**MIXTRAL_MOE, "normalize_topk": False}, "normalize_topk"),
+        ({**MIXTRAL_MOE, "num_shared_experts": 1}, "shared experts"),
+        ({**MIXTRAL_MOE, "every": 3}, "dense layers"),
+        ({**DEEPSEEK_MOE, "first_dense_layers": 0, "every": 3}, "model.moe.every=3"),
+        ({**DEEPSEEK_MOE, "shared_mlp_dim": 7}, "shared_mlp_dim"),
+    ],
+    ids=["unnormalized", "shared", "interleaved", "glm_every", "shared_width"],
+)
 def test_moe_export_refuses_what_no_class_expresses(tmp_path, moe, feature):
     random_run(tmp_path / "run", moe=moe)
     with pytest.raises(ConfigError, match=feature):
@@ -360,18 +442,43 @@ def test_group_limited_export_refuses_negative_router_bias(tmp_path):
 
 def random_hf_moe(directory, arch):
     torch.manual_seed(0)
-    common = dict(vocab_size=67, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
-                  head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=64, initializer_range=0.2,
-                  bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=67,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
     if arch == "mixtral":
-        hf_cfg = transformers.MixtralConfig(intermediate_size=19, num_local_experts=5, num_experts_per_tok=2,
-                                            rope_parameters={"rope_type": "default", "rope_theta": 700.0}, **common)
+        hf_cfg = transformers.MixtralConfig(
+            intermediate_size=19,
+            num_local_experts=5,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 700.0},
+            **common,
+        )
         model = transformers.MixtralForCausalLM(hf_cfg)
     else:
         hf_cfg = transformers.Glm4MoeConfig(
-            intermediate_size=37, moe_intermediate_size=19, n_routed_experts=6, num_experts_per_tok=2,
-            n_shared_experts=1, first_k_dense_replace=1, n_group=3, topk_group=2, routed_scaling_factor=2.5,
-            rope_parameters={"rope_type": "default", "rope_theta": 700.0, "partial_rotary_factor": 1.0}, **common)
+            intermediate_size=37,
+            moe_intermediate_size=19,
+            n_routed_experts=6,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=3,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            rope_parameters={"rope_type": "default", "rope_theta": 700.0, "partial_rotary_factor": 1.0},
+            **common,
+        )
         model = transformers.Glm4MoeForCausalLM(hf_cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -391,8 +498,7 @@ def test_import_moe_gives_same_logits_and_round_trips_bitwise(tmp_path, arch):
     cfg, params, buffers = loaded.cfg, loaded.params, loaded.buffers
     assert cfg.model.moe.num_experts in (5, 6)
     ids = tokens(cfg)
-    assert_logits_match(hf_logits(tmp_path / "hf", ids), podtrain_logits(cfg, params, buffers, ids),
-                        f"import {arch}")
+    assert_logits_match(hf_logits(tmp_path / "hf", ids), podtrain_logits(cfg, params, buffers, ids), f"import {arch}")
     out = export.export(run, tmp_path / "again")
     assert_same_tensors(tmp_path / "hf" / "model.safetensors", out / "model.safetensors")
 
@@ -406,8 +512,13 @@ FT_KINDS = {
     "dense": (),
     # DeepSeek-style sigmoid router whose biases move every step (model.moe.bias_update_rate): the
     # fine-tuned run's buffers differ from the base run's, so reading the wrong ones shows
-    "moe": ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_mlp_dim=32",
-            "model.moe.router=sigmoid_bias", "model.moe.bias_update_rate=0.05"),
+    "moe": (
+        "model.moe.num_experts=4",
+        "model.moe.top_k=2",
+        "model.moe.expert_mlp_dim=32",
+        "model.moe.router=sigmoid_bias",
+        "model.moe.bias_update_rate=0.05",
+    ),
 }
 FT_MODES = {
     "freeze": ("finetune.mode=freeze", "finetune.freeze=^embed$|attn/"),
@@ -430,10 +541,16 @@ def test_sample_and_export_read_freeze_and_lora_runs(tiny_config, tmp_path, caps
     base_logits = podtrain_logits(base_run.cfg, base_run.params, base_run.buffers, ids)
     prompt, n = "ROMEO:", 24
     base_text = generate.sample_run(base.run.dir, prompt, n, temperature=0)
-    assert len(set(base_text[len(prompt):])) > 3
+    assert len(set(base_text[len(prompt) :])) > 3
     for mode, overrides in FT_MODES.items():
-        ft = tiny_config(*model, *overrides, f"finetune.init_from={base.run.dir}", "train.steps=3", "train.lr=5e-2",
-                         f"run.dir={tmp_path / mode}")
+        ft = tiny_config(
+            *model,
+            *overrides,
+            f"finetune.init_from={base.run.dir}",
+            "train.steps=3",
+            "train.lr=5e-2",
+            f"run.dir={tmp_path / mode}",
+        )
         finetune.finetune(ft)
         merged, step = finetune.merged_params(ft.run.dir)
         run = weights.load(ft.run.dir)
@@ -446,12 +563,27 @@ def test_sample_and_export_read_freeze_and_lora_runs(tiny_config, tmp_path, caps
 
         # sample (the CLI verb) == generation from the merged parameters, != the base's text
         capsys.readouterr()
-        assert cli.main(["sample", "--run", str(ft.run.dir), "--prompt", prompt, "--max-new-tokens", str(n),
-                         "--temperature", "0"]) == 0
+        assert (
+            cli.main(
+                [
+                    "sample",
+                    "--run",
+                    str(ft.run.dir),
+                    "--prompt",
+                    prompt,
+                    "--max-new-tokens",
+                    str(n),
+                    "--temperature",
+                    "0",
+                ]
+            )
+            == 0
+        )
         graphdef = weights.abstract_trees(run.cfg)[0]
         variables = weights.merge_trees(jax.device_put(merged), run.buffers)
-        want = generate.generate(graphdef, variables, run.cfg.model, run.tok.encode(prompt), n,
-                                 run.cfg.data.seq_len, temperature=0)
+        want = generate.generate(
+            graphdef, variables, run.cfg.model, run.tok.encode(prompt), n, run.cfg.data.seq_len, temperature=0
+        )
         assert capsys.readouterr().out == prompt + run.tok.decode(want) + "\n"
         assert prompt + run.tok.decode(want) != base_text
 
@@ -473,30 +605,70 @@ def test_moe_pretrain_finetune_export_greedy_text_matches_transformers(tmp_path,
     renormalized; half its width and layers, for time): pretrain, fine-tune on held-out text,
     export --format hf; transformers' greedy generate == `podtrain sample --temperature 0` for as
     many new tokens as the trained context holds (beyond it, sample re-encodes a shorter window)."""
-    where = [f"data.data_dir={tfds_dir}", "data.eval_batches=2", "mesh.devices=1", "run.progress=false",
-             "train.peak_flops=1e11"]
+    where = [
+        f"data.data_dir={tfds_dir}",
+        "data.eval_batches=2",
+        "mesh.devices=1",
+        "run.progress=false",
+        "train.peak_flops=1e11",
+    ]
     base_dir, ft_dir, out = tmp_path / "moe", tmp_path / "moe_ft", tmp_path / "hf"
-    assert cli.main(["pretrain", "--config", str(ROOT / "configs" / "shakespeare_moe.yaml"), *where,
-                     "model.num_layers=2", "model.d_model=64", "model.mlp_dim=176", "model.moe.expert_mlp_dim=88",
-                     f"data.manual_dir={shakespeare_dir}", "train.steps=300", "train.eval_every=300",
-                     "train.warmup_steps=20", "train.lr=3e-3", "train.min_lr=3e-4", f"run.dir={base_dir}"]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--config",
+                str(ROOT / "configs" / "shakespeare_moe.yaml"),
+                *where,
+                "model.num_layers=2",
+                "model.d_model=64",
+                "model.mlp_dim=176",
+                "model.moe.expert_mlp_dim=88",
+                f"data.manual_dir={shakespeare_dir}",
+                "train.steps=300",
+                "train.eval_every=300",
+                "train.warmup_steps=20",
+                "train.lr=3e-3",
+                "train.min_lr=3e-4",
+                f"run.dir={base_dir}",
+            ]
+        )
+        == 0
+    )
     base = configs.to_dict(configs.load(base_dir / "config.yaml"))
     assert base["model"]["moe"]["num_experts"] == 8 and base["model"]["moe"]["router"] == "softmax_topk"
     same_model = [f"{k}={v}" for k, v in configs.flat({"model": base["model"]}).items()]
-    assert cli.main(["finetune", "--config", str(ROOT / "configs" / "shakespeare_char_ft.yaml"), *where, *same_model,
-                     f"data.manual_dir={heldout_dir(tmp_path, tfds_dir)}", f"finetune.init_from={base_dir}",
-                     "train.steps=20", "train.eval_every=20", "train.warmup_steps=2", "train.lr=1e-3",
-                     f"run.dir={ft_dir}"]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--config",
+                str(ROOT / "configs" / "shakespeare_char_ft.yaml"),
+                *where,
+                *same_model,
+                f"data.manual_dir={heldout_dir(tmp_path, tfds_dir)}",
+                f"finetune.init_from={base_dir}",
+                "train.steps=20",
+                "train.eval_every=20",
+                "train.warmup_steps=2",
+                "train.lr=1e-3",
+                f"run.dir={ft_dir}",
+            ]
+        )
+        == 0
+    )
     assert cli.main(["export", str(ft_dir), "--format", "hf", "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
 
     prompt = "JULIET:\n"
     n = base["data"]["seq_len"] - len(prompt)  # 56: prompt + new tokens fill the trained context
     capsys.readouterr()
-    assert cli.main(["sample", "--run", str(ft_dir), "--prompt", prompt, "--max-new-tokens", str(n),
-                     "--temperature", "0"]) == 0
+    assert (
+        cli.main(["sample", "--run", str(ft_dir), "--prompt", prompt, "--max-new-tokens", str(n), "--temperature", "0"])
+        == 0
+    )
     ours = capsys.readouterr().out.removesuffix("\n")
-    print(f"greedy continuation of {prompt!r}: {ours[len(prompt):]!r}")
+    print(f"greedy continuation of {prompt!r}: {ours[len(prompt) :]!r}")
     assert ours.startswith(prompt) and len(ours) == len(prompt) + n
-    assert len(set(ours[len(prompt):])) > 3  # a real continuation, not one repeated character
+    assert len(set(ours[len(prompt) :])) > 3  # a real continuation, not one repeated character
     assert hf_greedy(out, prompt, n) == ours

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,24 @@ from podtrain.data.config import DataConfig
 from podtrain.data.tokenizer import CharTokenizer
 from podtrain.launch import cli
 from podtrain.model import Transformer
-from podtrain.train import adapters, config as configs, finetune, integrity, loop
+from podtrain.train import adapters, finetune, integrity, loop
+from podtrain.train import config as configs
 from podtrain.train.config import ConfigError
 
 TINY = [
-    "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
-    "data.seq_len=16", "data.eval_batches=2", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=1",
-    "train.peak_flops=1e11", "mesh.devices=1", "run.progress=false",
+    "model.num_layers=2",
+    "model.d_model=32",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=64",
+    "data.seq_len=16",
+    "data.eval_batches=2",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "train.peak_flops=1e11",
+    "mesh.devices=1",
+    "run.progress=false",
 ]
 
 
@@ -41,17 +53,29 @@ def base_run(tmp_path_factory, tfds_dir, shakespeare_dir):
 
 def _ft_config(base_run, tmp_path, tfds_dir, *overrides):
     run, _, held = base_run
-    return configs.load(None, TINY + [
-        f"data.data_dir={tfds_dir}", "data.dataset=text_files", f"data.manual_dir={held}", "train.steps=6",
-        "train.eval_every=6", f"run.dir={tmp_path / 'ft'}", f"finetune.init_from={run}", *overrides,
-    ])
+    return configs.load(
+        None,
+        TINY
+        + [
+            f"data.data_dir={tfds_dir}",
+            "data.dataset=text_files",
+            f"data.manual_dir={held}",
+            "train.steps=6",
+            "train.eval_every=6",
+            f"run.dir={tmp_path / 'ft'}",
+            f"finetune.init_from={run}",
+            *overrides,
+        ],
+    )
 
 
 def test_full_finetune_beats_training_from_scratch(base_run, tmp_path, tfds_dir):
     cfg = _ft_config(base_run, tmp_path, tfds_dir)
     tuned = finetune.finetune(cfg)
     scratch = loop.pretrain(configs.replace(cfg, run={"dir": str(tmp_path / "scratch")}))
-    print(f"held-out val_loss after 6 steps: fine-tuned {tuned['val_loss']:.4f}, from scratch {scratch['val_loss']:.4f}")
+    print(
+        f"held-out val_loss after 6 steps: fine-tuned {tuned['val_loss']:.4f}, from scratch {scratch['val_loss']:.4f}"
+    )
     assert tuned["val_loss"] < scratch["val_loss"] - 0.05
 
 
@@ -74,8 +98,9 @@ def test_freeze_keeps_frozen_parameters_bitwise(base_run, tmp_path, tfds_dir):
 
 def test_lora_trains_factors_and_merges_into_the_base_tree(base_run, tmp_path, tfds_dir):
     _, base_params, _ = base_run
-    cfg = _ft_config(base_run, tmp_path, tfds_dir, "finetune.mode=lora", "finetune.lora_rank=2",
-                     "finetune.lora_targets=attn/w[qv]$")
+    cfg = _ft_config(
+        base_run, tmp_path, tfds_dir, "finetune.mode=lora", "finetune.lora_rank=2", "finetune.lora_targets=attn/w[qv]$"
+    )
     result = finetune.finetune(cfg)
     train = result["state"].params["train"]
     assert sorted(train) == ["blocks/attn/wq", "blocks/attn/wv"]
@@ -99,8 +124,17 @@ def test_lora_trains_factors_and_merges_into_the_base_tree(base_run, tmp_path, t
 
 def test_merged_params_of_a_run_trained_on_slices(base_run, tmp_path, tfds_dir):
     """A LoRA run trained on 2 (emulated) slices reads back on one device for sample and export."""
-    cfg = _ft_config(base_run, tmp_path, tfds_dir, "finetune.mode=lora", "finetune.lora_rank=2",
-                     "mesh.devices=4", "mesh.dcn_data=2", "train.steps=2", "train.eval_every=2")
+    cfg = _ft_config(
+        base_run,
+        tmp_path,
+        tfds_dir,
+        "finetune.mode=lora",
+        "finetune.lora_rank=2",
+        "mesh.devices=4",
+        "mesh.dcn_data=2",
+        "train.steps=2",
+        "train.eval_every=2",
+    )
     result = finetune.finetune(cfg)
     exported, step = finetune.merged_params(cfg.run.dir)
     assert step == 2 and integrity.tree_digest(exported) == integrity.tree_digest(result["params"])
@@ -108,8 +142,11 @@ def test_merged_params_of_a_run_trained_on_slices(base_run, tmp_path, tfds_dir):
 
 def _check_plain_model_loss(cfg, result):
     from podtrain.data import tokenizer
-    from podtrain.parallel import mesh as meshes, rules
-    from podtrain.train import optim, state as states, step as steps
+    from podtrain.parallel import mesh as meshes
+    from podtrain.parallel import rules
+    from podtrain.train import optim
+    from podtrain.train import state as states
+    from podtrain.train import step as steps
 
     cfg = loop.resolve(cfg, 65)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
@@ -126,8 +163,9 @@ def test_lora_starts_exactly_at_the_base_model(base_run):
     adapter = adapters.build(cfg.finetune, cfg.model)
     split = adapter.split(base_params, jax.random.key(0))
     assert integrity.tree_digest(adapter.merged(split)) == integrity.tree_digest(base_params)
-    assert sorted(split["train"]) == [f"blocks/{m}" for m in (
-        "attn/wk", "attn/wo", "attn/wq", "attn/wv", "mlp/w_down", "mlp/w_gate", "mlp/w_up")]
+    assert sorted(split["train"]) == [
+        f"blocks/{m}" for m in ("attn/wk", "attn/wo", "attn/wq", "attn/wv", "mlp/w_down", "mlp/w_gate", "mlp/w_up")
+    ]
 
 
 def test_architecture_mismatch_lists_the_parameters_and_exits_2(base_run, tmp_path, tfds_dir, capsys):
@@ -160,8 +198,9 @@ def test_init_from_a_step_and_bad_values(base_run, tmp_path, tfds_dir):
         finetune.finetune(_ft_config(base_run, tmp_path, tfds_dir, f"finetune.init_from={run}:7"))
     with pytest.raises(ConfigError, match="not a podtrain run"):
         finetune.finetune(_ft_config(base_run, tmp_path, tfds_dir, f"finetune.init_from={tmp_path}"))
-    result = finetune.finetune(_ft_config(base_run, tmp_path, tfds_dir, f"finetune.init_from={run}:30",
-                                          "train.steps=2", "train.eval_every=2"))
+    result = finetune.finetune(
+        _ft_config(base_run, tmp_path, tfds_dir, f"finetune.init_from={run}:30", "train.steps=2", "train.eval_every=2")
+    )
     assert result["base"].endswith(":30")
 
 
@@ -170,9 +209,14 @@ def test_init_from_a_step_and_bad_values(base_run, tmp_path, tfds_dir):
 
 def test_packing_masks_prompts_and_separates_examples():
     tok = CharTokenizer("abcdefgh|")
-    examples = packing.encode(tok, [
-        {"prompt": "ab|", "completion": "cd"}, {"prompt": "e|", "completion": "fgh"}, {"prompt": "h|", "completion": "a"},
-    ])
+    examples = packing.encode(
+        tok,
+        [
+            {"prompt": "ab|", "completion": "cd"},
+            {"prompt": "e|", "completion": "fgh"},
+            {"prompt": "h|", "completion": "a"},
+        ],
+    )
     rows = packing.pack(examples, seq_len=8)
     # example lengths (inputs) 4, 4, 2: the first two fill row 0, the third starts row 1
     np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 0, 0, 0, 0, 0, 0]])
@@ -184,8 +228,9 @@ def test_packing_masks_prompts_and_separates_examples():
 
 def test_packed_logits_equal_each_example_alone():
     """No attention across examples: a packed row gives each example the logits it has alone."""
-    from podtrain.model import ModelConfig
     from flax import nnx
+
+    from podtrain.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=11, num_layers=2, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
     with nnx.use_eager_sharding(False):
@@ -195,8 +240,11 @@ def test_packed_logits_equal_each_example_alone():
     examples = [rng.integers(0, 11, n + 1).astype(np.int32) for n in lengths]
     rows = packing.pack([(ex, 1) for ex in examples], seq_len=12)
     assert rows["inputs"].shape == (1, 12)
-    packed = model(jnp.asarray(rows["inputs"]), positions_BT=jnp.asarray(rows["positions"]),
-                   segment_ids_BT=jnp.asarray(rows["segment_ids"]))[0][0]
+    packed = model(
+        jnp.asarray(rows["inputs"]),
+        positions_BT=jnp.asarray(rows["positions"]),
+        segment_ids_BT=jnp.asarray(rows["segment_ids"]),
+    )[0][0]
     start = 0
     for ex, n in zip(examples, lengths):
         alone = model(jnp.asarray(ex[None, :-1]))[0][0]
@@ -221,10 +269,19 @@ def test_jsonl_finetune_learns_completions(base_run, tmp_path, tfds_dir):
 
     (folder / "train.jsonl").write_text(lines(200))
     (folder / "validation.jsonl").write_text(lines(40))
-    cfg = _ft_config(base_run, tmp_path, tfds_dir, "data.dataset=jsonl", f"data.manual_dir={folder}",
-                     "data.seq_len=32", "train.steps=30", "train.eval_every=5", "train.lr=3e-3")
-    result = finetune.finetune(cfg)
-    rows = [json.loads(line) for line in open(f"{cfg.run.dir}/metrics.jsonl")]
+    cfg = _ft_config(
+        base_run,
+        tmp_path,
+        tfds_dir,
+        "data.dataset=jsonl",
+        f"data.manual_dir={folder}",
+        "data.seq_len=32",
+        "train.steps=30",
+        "train.eval_every=5",
+        "train.lr=3e-3",
+    )
+    finetune.finetune(cfg)
+    rows = [json.loads(line) for line in Path(cfg.run.dir, "metrics.jsonl").read_text().splitlines()]
     evals = [r["val_loss"] for r in rows if "val_loss" in r and r["step"] > 0]  # step 0: the base model
     print("jsonl completion val_loss", [round(v, 3) for v in evals])
     assert evals[-1] < evals[0] - 0.3

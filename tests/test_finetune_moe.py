@@ -5,23 +5,41 @@ import jax
 import numpy as np
 import pytest
 
-from podtrain.data import splits
-from podtrain.data import tokenizer
+from podtrain.data import splits, tokenizer
 from podtrain.data.config import DataConfig
-from podtrain.parallel import mesh as meshes, rules
-from podtrain.train import adapters, config as configs, finetune, integrity, loop, metrics as metrics_io, optim
-from podtrain.train import state as states, step as steps
+from podtrain.parallel import mesh as meshes
+from podtrain.parallel import rules
+from podtrain.train import adapters, finetune, integrity, loop, optim
+from podtrain.train import config as configs
+from podtrain.train import metrics as metrics_io
+from podtrain.train import state as states
+from podtrain.train import step as steps
 from podtrain.train.config import ConfigError
 
 TINY = [
-    "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
-    "data.seq_len=16", "data.eval_batches=2", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=1",
-    "train.peak_flops=1e11", "mesh.devices=1", "run.progress=false",
+    "model.num_layers=2",
+    "model.d_model=32",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=64",
+    "data.seq_len=16",
+    "data.eval_batches=2",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "train.peak_flops=1e11",
+    "mesh.devices=1",
+    "run.progress=false",
 ]
 # DeepSeek-V3-style routing: the router bias (a buffer, not a parameter) picks the experts
 MOE = [
-    "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_mlp_dim=32", "model.moe.router=sigmoid_bias",
-    "model.moe.bias_update_rate=0.05", "model.moe.load_balance_coef=0.01", "model.moe.z_loss_coef=0.001",
+    "model.moe.num_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.expert_mlp_dim=32",
+    "model.moe.router=sigmoid_bias",
+    "model.moe.bias_update_rate=0.05",
+    "model.moe.load_balance_coef=0.01",
+    "model.moe.z_loss_coef=0.001",
 ]
 RATE = 0.05
 
@@ -35,8 +53,9 @@ def moe_base(tmp_path_factory, tfds_dir, shakespeare_dir):
     """A short MoE shakespeare pretrain (router biases moved away from 0), and a held-out folder."""
     tmp = tmp_path_factory.mktemp("moe_base")
     data = [f"data.data_dir={tfds_dir}", f"data.manual_dir={shakespeare_dir}"]
-    cfg = configs.load(None, TINY + MOE + data + [
-        "train.steps=9", "train.eval_every=9", "train.lr=1e-2", f"run.dir={tmp / 'run'}"])
+    cfg = configs.load(
+        None, TINY + MOE + data + ["train.steps=9", "train.eval_every=9", "train.lr=1e-2", f"run.dir={tmp / 'run'}"]
+    )
     state = loop.pretrain(cfg)["state"]
     text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
     held = tmp / "heldout"
@@ -49,10 +68,21 @@ def moe_base(tmp_path_factory, tfds_dir, shakespeare_dir):
 
 def _ft_config(moe_base, tmp_path, tfds_dir, *overrides):
     run, _, _, held = moe_base
-    return configs.load(None, TINY + MOE + [
-        f"data.data_dir={tfds_dir}", "data.dataset=text_files", f"data.manual_dir={held}", "train.steps=4",
-        "train.eval_every=4", f"run.dir={tmp_path / 'ft'}", f"finetune.init_from={run}", *overrides,
-    ])
+    return configs.load(
+        None,
+        TINY
+        + MOE
+        + [
+            f"data.data_dir={tfds_dir}",
+            "data.dataset=text_files",
+            f"data.manual_dir={held}",
+            "train.steps=4",
+            "train.eval_every=4",
+            f"run.dir={tmp_path / 'ft'}",
+            f"finetune.init_from={run}",
+            *overrides,
+        ],
+    )
 
 
 def _evaluator(cfg):
@@ -133,11 +163,20 @@ def test_freeze_keeps_frozen_parameters_bitwise_and_moves_router_biases(moe_base
 @pytest.mark.slow  # ~30-45 s on 2 busy cores: compiles a MoE fine-tuning step and two evals
 def test_lora_gives_every_expert_its_own_factors(moe_base, tmp_path, tfds_dir):
     _, base_params, base_buffers, _ = moe_base
-    cfg = _ft_config(moe_base, tmp_path, tfds_dir, "finetune.mode=lora", "finetune.lora_rank=2", "train.steps=2",
-                     "train.eval_every=2", "train.lr=1e-2")
+    cfg = _ft_config(
+        moe_base,
+        tmp_path,
+        tfds_dir,
+        "finetune.mode=lora",
+        "finetune.lora_rank=2",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.lr=1e-2",
+    )
     adapter = adapters.build(cfg.finetune, loop.resolve(cfg, 65).model)
-    assert integrity.tree_digest(adapter.merged(adapter.split(base_params, jax.random.key(0)))) == \
-        integrity.tree_digest(base_params), "LoRA starts exactly at the base model"
+    assert integrity.tree_digest(
+        adapter.merged(adapter.split(base_params, jax.random.key(0)))
+    ) == integrity.tree_digest(base_params), "LoRA starts exactly at the base model"
     result = finetune.finetune(cfg)
     train = _host(result["state"].params["train"])
     unit = "moe_units/moe_block/"
@@ -160,8 +199,12 @@ def test_lora_gives_every_expert_its_own_factors(moe_base, tmp_path, tfds_dir):
 
 
 def test_lora_target_without_embed_axis_is_a_config_error():
-    cfg = configs.load(None, TINY + MOE + ["model.vocab_size=65", "finetune.mode=lora",
-                                           "finetune.lora_targets=mlp/bias$|moe_block/attn_norm"])
+    cfg = configs.load(
+        None,
+        TINY
+        + MOE
+        + ["model.vocab_size=65", "finetune.mode=lora", "finetune.lora_targets=mlp/bias$|moe_block/attn_norm"],
+    )
     with pytest.raises(ConfigError, match=r"finetune.lora_targets matches moe_units/moe_block/attn_norm/scale"):
         adapters.build(cfg.finetune, cfg.model)
 
@@ -188,8 +231,9 @@ def test_shipped_moe_finetune_config_matches_its_pretrain():
 def test_moe_finetune_resumes_bitwise_with_its_router_biases(moe_base, tmp_path, tfds_dir):
     import shutil
 
-    cfg = _ft_config(moe_base, tmp_path, tfds_dir, "finetune.mode=freeze", "finetune.freeze=^embed$",
-                     "checkpoint.every=2")
+    cfg = _ft_config(
+        moe_base, tmp_path, tfds_dir, "finetune.mode=freeze", "finetune.freeze=^embed$", "checkpoint.every=2"
+    )
     straight = finetune.finetune(configs.replace(cfg, run={"dir": str(tmp_path / "straight")}))
     shutil.copytree(tmp_path / "straight", tmp_path / "ft")
     shutil.rmtree(tmp_path / "ft" / "checkpoints" / "4")  # as if stopped after saving step 2
@@ -203,10 +247,14 @@ def test_sharded_moe_lora_finetune_equals_one_device(moe_base, tmp_path, tfds_di
     """LoRA factors (replicated) merged into expert-sharded weights: expert=4 x fsdp=2 ≡ 1 device."""
     lora = ("finetune.mode=lora", "finetune.lora_rank=2", "train.steps=3", "train.eval_every=3")
     one = finetune.finetune(_ft_config(moe_base, tmp_path / "one", tfds_dir, *lora))
-    sharded = finetune.finetune(_ft_config(moe_base, tmp_path / "ep", tfds_dir, *lora, "mesh.devices=8", "mesh.data=1",
-                                           "mesh.expert=4", "mesh.fsdp=2"))
+    sharded = finetune.finetune(
+        _ft_config(
+            moe_base, tmp_path / "ep", tfds_dir, *lora, "mesh.devices=8", "mesh.data=1", "mesh.expert=4", "mesh.fsdp=2"
+        )
+    )
     np.testing.assert_allclose(sharded["val_loss"], one["val_loss"], rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(_host(one["params"])),
-                            jax.tree.leaves(_host(sharded["params"]))):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(_host(one["params"])), jax.tree.leaves(_host(sharded["params"]))
+    ):
         assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a), jax.tree_util.keystr(path)
     np.testing.assert_array_equal(_bias(_host(sharded["state"].buffers)), _bias(_host(one["state"].buffers)))

@@ -16,15 +16,33 @@ from podtrain.train import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=4", "model.mlp_dim=128",
-    "data.seq_len=16", "data.eval_batches=2", "train.batch_size=16", "train.warmup_steps=1",
-    "train.log_every=1", "train.eval_every=2", "train.peak_flops=1e11", "run.progress=false",
+    "model.num_layers=2",
+    "model.d_model=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=4",
+    "model.mlp_dim=128",
+    "data.seq_len=16",
+    "data.eval_batches=2",
+    "train.batch_size=16",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.peak_flops=1e11",
+    "run.progress=false",
 ]
 
 
 def pretrain_args(run_dir, data_dir, shakespeare_dir, *overrides):
-    return ["pretrain", "--config", str(ROOT / "configs" / "shakespeare_char.yaml"), *TINY,
-            f"data.data_dir={data_dir}", f"data.manual_dir={shakespeare_dir}", f"run.dir={run_dir}", *overrides]
+    return [
+        "pretrain",
+        "--config",
+        str(ROOT / "configs" / "shakespeare_char.yaml"),
+        *TINY,
+        f"data.data_dir={data_dir}",
+        f"data.manual_dir={shakespeare_dir}",
+        f"run.dir={run_dir}",
+        *overrides,
+    ]
 
 
 def rows(run_dir):

@@ -8,13 +8,23 @@ import pytest
 from flax import nnx
 
 from podtrain.launch import cli
-from podtrain.parallel import mesh as meshes, rules
+from podtrain.parallel import mesh as meshes
+from podtrain.parallel import rules
 from podtrain.parallel.config import MeshConfig
-from podtrain.train import config as configs, optim, state as states, validate
+from podtrain.train import config as configs
+from podtrain.train import optim, validate
+from podtrain.train import state as states
 from podtrain.train.config import ConfigError
 
-MODEL = ["model.num_layers=1", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=4",
-         "model.mlp_dim=128", "model.vocab_size=64", "train.batch_size=16"]
+MODEL = [
+    "model.num_layers=1",
+    "model.d_model=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=4",
+    "model.mlp_dim=128",
+    "model.vocab_size=64",
+    "train.batch_size=16",
+]
 
 
 def config(*overrides: str) -> configs.Config:
@@ -48,8 +58,11 @@ def test_minus_one_fills_the_remaining_devices(mesh, devices, ici, dcn):
         (["mesh.data=2", "mesh.tensor=4", "model.mlp_dim=130"], "model.mlp_dim=130 is not divisible"),
         (["mesh.data=1", "mesh.tensor=2", "mesh.dcn_tensor=4"], "tensor-parallel degree 8"),
         (["mesh.data=4", "mesh.expert=2"], "mesh.expert x mesh.dcn_expert = 2 but the model is dense"),
-        (["train.batch_size=12"], "train.batch_size=12 / train.grad_accum_steps=1 = 12 sequences per microbatch "
-                                  "is not divisible by the data-parallel degree 8"),
+        (
+            ["train.batch_size=12"],
+            "train.batch_size=12 / train.grad_accum_steps=1 = 12 sequences per microbatch "
+            "is not divisible by the data-parallel degree 8",
+        ),
         (["train.grad_accum_steps=4"], "= 4 sequences per microbatch is not divisible by the data-parallel degree 8"),
         (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.batch_size=6"], "data-parallel degree 4"),
     ],
@@ -80,8 +93,17 @@ def test_expert_degree_against_moe_models():
 
 def test_cli_reports_a_bad_mesh_in_one_line_before_touching_disk(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = cli.main(["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "shakespeare_char.yaml"),
-                     "mesh.data=1", "mesh.tensor=8", f"run.dir={run_dir}", f"data.data_dir={tmp_path / 'tfds'}"])
+    code = cli.main(
+        [
+            "pretrain",
+            "--config",
+            str(Path(__file__).parents[1] / "configs" / "shakespeare_char.yaml"),
+            "mesh.data=1",
+            "mesh.tensor=8",
+            f"run.dir={run_dir}",
+            f"data.data_dir={tmp_path / 'tfds'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "model.num_heads=4" in err
     assert not run_dir.exists() and not (tmp_path / "tfds").exists()

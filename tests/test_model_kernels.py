@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from podtrain.model import ModelConfig, Transformer, init_cache
-from podtrain.model import kernels, transformer
+from podtrain.model import ModelConfig, Transformer, init_cache, kernels, transformer
 
 
 def test_swiglu_value_and_grads_equal_autodiff_of_silu():
@@ -64,7 +63,9 @@ def test_attention_and_its_backward_equal_dot_product_attention(n, k, blocks):
 
     np.testing.assert_allclose(
         kernels.attention(q, key, val, transformer._causal_mask(8), causal=True, blocks=blocks),
-        jax.nn.dot_product_attention(q, key, val, is_causal=True), rtol=1e-5, atol=1e-6,
+        jax.nn.dot_product_attention(q, key, val, is_causal=True),
+        rtol=1e-5,
+        atol=1e-6,
     )
     for g, w in zip(jax.grad(got, (0, 1, 2))(q, key, val), jax.grad(want, (0, 1, 2))(q, key, val)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -48,9 +48,9 @@ def _choices(x_TD, p, cfg: MoEConfig) -> list[list[int]]:
         else:
             select = 1 / (1 + np.exp(-logits)) + np.asarray(p["bias"], np.float64)
         size = cfg.num_experts // cfg.n_groups
-        groups = sorted(
-            range(cfg.n_groups), key=lambda g: -np.sort(select[g * size:(g + 1) * size])[::-1][:2].sum()
-        )[: cfg.topk_groups]
+        groups = sorted(range(cfg.n_groups), key=lambda g: -np.sort(select[g * size : (g + 1) * size])[::-1][:2].sum())[
+            : cfg.topk_groups
+        ]
         allowed = [e for e in range(cfg.num_experts) if e // size in groups]
         out.append(sorted(allowed, key=lambda e: -select[e])[: cfg.top_k])
     return out
@@ -66,7 +66,7 @@ def _kept(choices: list[list[int]], cfg: MoEConfig, t: int) -> list[list[bool]]:
     kept = []
     for s in range(0, len(choices), t):
         used = [0] * cfg.num_experts
-        for chosen in choices[s:s + t]:
+        for chosen in choices[s : s + t]:
             kept.append([])
             for c in chosen:
                 used[c] += 1
@@ -180,14 +180,19 @@ def test_bias_update_moves_toward_balance():
 
 
 def test_router_bias_is_a_buffer_outside_the_optimizer():
-    from podtrain.train import config as configs, optim, state as states
+    from podtrain.train import config as configs
+    from podtrain.train import optim
+    from podtrain.train import state as states
 
     cfg = configs.load(
         None, ["model.vocab_size=32", "model.moe.num_experts=4", "model.moe.router=sigmoid_bias", "mesh.devices=1"]
     )
     tx = optim.optimizer(cfg.train)
-    lay = states.layout(cfg.model, tx, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
-                                                         ("data", "fsdp", "expert", "tensor")))
+    lay = states.layout(
+        cfg.model,
+        tx,
+        jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "expert", "tensor")),
+    )
     bias_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lay.abstract.buffers)[0]]
     assert bias_paths == ["['moe_units']['moe_block']['mlp']['bias']"]
     opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lay.abstract.opt_state)[0]]

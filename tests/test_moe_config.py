@@ -16,13 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BAD = {
     "k_gt_e": (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k=5"),
     "topk_groups_gt_n_groups": (
-        ["model.moe.num_experts=8", "model.moe.n_groups=2", "model.moe.topk_groups=3"], "model.moe.topk_groups=3"
+        ["model.moe.num_experts=8", "model.moe.n_groups=2", "model.moe.topk_groups=3"],
+        "model.moe.topk_groups=3",
     ),
     "e_not_divisible_by_expert_axis": (["model.moe.num_experts=8", "mesh.expert=3"], "model.moe.num_experts=8"),
     "moe_outside_model": (["moe.num_experts=8"], "the MoE section lives in model.moe"),
-    "unknown_router": (
-        ["model.moe.num_experts=8", "model.moe.router=softmax_top2"], "model.moe.router='softmax_top2'"
-    ),
+    "unknown_router": (["model.moe.num_experts=8", "model.moe.router=softmax_top2"], "model.moe.router='softmax_top2'"),
 }
 
 
@@ -31,10 +30,21 @@ def test_cli_rejects_bad_moe_input(case, tmp_path):
     overrides, names = BAD[case]
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "podtrain.launch.cli", "pretrain", "--config", "configs/shakespeare_char.yaml",
-         f"run.dir={run_dir}", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+        [
+            sys.executable,
+            "-m",
+            "podtrain.launch.cli",
+            "pretrain",
+            "--config",
+            "configs/shakespeare_char.yaml",
+            f"run.dir={run_dir}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -6,18 +6,39 @@ import jax
 import numpy as np
 import pytest
 
-from podtrain.parallel import mesh as meshes, rules
-from podtrain.train import config as configs, optim, state as states, step as steps
+from podtrain.parallel import mesh as meshes
+from podtrain.parallel import rules
+from podtrain.train import config as configs
+from podtrain.train import optim
+from podtrain.train import state as states
+from podtrain.train import step as steps
 
 MOE = [
-    "model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.expert_mlp_dim=24", "model.moe.router=sigmoid_bias",
-    "model.moe.n_groups=4", "model.moe.topk_groups=2", "model.moe.routed_scaling=1.5",
-    "model.moe.num_shared_experts=1", "model.moe.load_balance_coef=0.01", "model.moe.z_loss_coef=0.001",
-    "model.moe.bias_update_rate=0.01", "model.moe.first_dense_layers=1", "model.moe.every=2", "model.moe.block_size=8",
+    "model.moe.num_experts=8",
+    "model.moe.top_k=2",
+    "model.moe.expert_mlp_dim=24",
+    "model.moe.router=sigmoid_bias",
+    "model.moe.n_groups=4",
+    "model.moe.topk_groups=2",
+    "model.moe.routed_scaling=1.5",
+    "model.moe.num_shared_experts=1",
+    "model.moe.load_balance_coef=0.01",
+    "model.moe.z_loss_coef=0.001",
+    "model.moe.bias_update_rate=0.01",
+    "model.moe.first_dense_layers=1",
+    "model.moe.every=2",
+    "model.moe.block_size=8",
 ]
 BASE = [
-    "model.vocab_size=32", "model.num_layers=3", "model.d_model=32", "model.num_heads=4",
-    "model.num_kv_heads=2", "model.mlp_dim=48", "train.batch_size=8", "train.warmup_steps=0", "train.lr=1e-3",
+    "model.vocab_size=32",
+    "model.num_layers=3",
+    "model.d_model=32",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=48",
+    "train.batch_size=8",
+    "train.warmup_steps=0",
+    "train.lr=1e-3",
 ]
 MESHES = {
     "expert4": ["mesh.devices=4", "mesh.data=1", "mesh.expert=4"],

@@ -18,8 +18,9 @@ def _run(*cmd, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out, ROOT,
-                 cwd=out)
+    built = _run(
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out, ROOT, cwd=out
+    )
     assert built.returncode == 0, built.stderr
     [path] = out.glob("podtrain-*.whl")
     return path
@@ -42,8 +43,9 @@ def test_wheel_in_a_fresh_venv_trains_from_outside_the_repo(wheel, tmp_path, tfd
     venv = tmp_path / "venv"
     assert _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path).returncode == 0
     python = venv / "bin" / "python"
-    site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                     cwd=tmp_path).stdout.strip())
+    site = Path(
+        _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).stdout.strip()
+    )
     (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = _run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel, cwd=tmp_path)
     assert installed.returncode == 0, installed.stderr
@@ -55,9 +57,18 @@ def test_wheel_in_a_fresh_venv_trains_from_outside_the_repo(wheel, tmp_path, tfd
         assert shadow.returncode != 0 and "ModuleNotFoundError" in shadow.stderr, (name, shadow.stdout)
 
     run = _run(
-        venv / "bin" / "podtrain", "pretrain", "--config", ROOT / "configs" / "shakespeare_char.yaml",
-        "train.steps=20", "train.eval_every=10", "data.eval_batches=2", "run.progress=false", "mesh.devices=1",
-        f"data.data_dir={tfds_dir}", f"data.manual_dir={shakespeare_dir}", f"run.dir={tmp_path / 'run'}",
+        venv / "bin" / "podtrain",
+        "pretrain",
+        "--config",
+        ROOT / "configs" / "shakespeare_char.yaml",
+        "train.steps=20",
+        "train.eval_every=10",
+        "data.eval_batches=2",
+        "run.progress=false",
+        "mesh.devices=1",
+        f"data.data_dir={tfds_dir}",
+        f"data.manual_dir={shakespeare_dir}",
+        f"run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]

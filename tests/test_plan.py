@@ -9,26 +9,51 @@ import pytest
 pytest.importorskip("libtpu", reason="plan compiles for TPUs with the libtpu wheel: pip install -e '.[tpu]' (CI does)")
 
 from podtrain.launch import cli  # noqa: E402
+from podtrain.parallel import devices as chips  # noqa: E402
+from podtrain.parallel import mesh as meshes
 from podtrain.plan import estimate, topology  # noqa: E402
-from podtrain.parallel import devices as chips, mesh as meshes  # noqa: E402
 from podtrain.train import config as configs  # noqa: E402
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.yaml")
 # Dimensions are whole TPU tiles (8 x 128), so no shard is padded.
 SMALL = [
-    "model.num_layers=3", "model.d_model=1024", "model.num_heads=8", "model.num_kv_heads=8", "model.mlp_dim=1024",
-    "model.vocab_size=1024", "model.dtype=bfloat16", "data.seq_len=64", "train.batch_size=8",
-    "mesh.data=1", "mesh.fsdp=-1",
+    "model.num_layers=3",
+    "model.d_model=1024",
+    "model.num_heads=8",
+    "model.num_kv_heads=8",
+    "model.mlp_dim=1024",
+    "model.vocab_size=1024",
+    "model.dtype=bfloat16",
+    "data.seq_len=64",
+    "train.batch_size=8",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
 ]
 TINY = [
-    "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=128",
-    "model.vocab_size=256", "data.seq_len=32", "train.batch_size=8", "mesh.data=1", "mesh.fsdp=-1",
+    "model.num_layers=2",
+    "model.d_model=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.mlp_dim=128",
+    "model.vocab_size=256",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
 ]
 # Mostly parameters (big vocab and MLP, few tokens), so sharding the state decides whether it fits.
 STATE_HEAVY = [
-    "model.num_layers=2", "model.d_model=256", "model.num_heads=1", "model.num_kv_heads=1", "model.mlp_dim=1024",
-    "model.vocab_size=4096", "model.dtype=bfloat16", "data.seq_len=32", "train.batch_size=4",
-    "mesh.data=-1", "mesh.fsdp=1",
+    "model.num_layers=2",
+    "model.d_model=256",
+    "model.num_heads=1",
+    "model.num_kv_heads=1",
+    "model.mlp_dim=1024",
+    "model.vocab_size=4096",
+    "model.dtype=bfloat16",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "mesh.data=-1",
+    "mesh.fsdp=1",
 ]
 
 
@@ -48,19 +73,23 @@ def test_plan_compiles_the_train_step_for_v5p_8():
     expected = estimate.state_bytes_per_chip(pod_cfg, mesh) + batch_bytes
     assert expected <= est.memory.arguments <= 1.01 * expected  # + a few padded scalars (step, Adam count)
     assert est.memory.total == pytest.approx(
-        est.memory.arguments + est.memory.outputs - est.memory.aliased + est.memory.temporaries + est.memory.code)
+        est.memory.arguments + est.memory.outputs - est.memory.aliased + est.memory.temporaries + est.memory.code
+    )
 
     # Cost analysis counts the scanned layer body once; the corrected figure matches the same step
     # compiled with every layer unrolled (no loop), within the loop's own bookkeeping.
     scanned = estimate._cost(estimate.compile_step(pod_cfg, devs)[0])[0]
-    unrolled = estimate._cost(estimate.compile_step(configs.replace(pod_cfg, model={"scan_layers": "unroll"}), devs)[0])[0]
+    unrolled = estimate._cost(
+        estimate.compile_step(configs.replace(pod_cfg, model={"scan_layers": "unroll"}), devs)[0]
+    )[0]
     assert scanned < 0.8 * unrolled
     assert est.flops == pytest.approx(unrolled, rel=0.03)
     assert 0.5 * est.flops * est.chips < est.model_flops < est.flops * est.chips
     assert est.agrees and est.cost_analysis_flops == est.flops  # dense: no ragged_dot kernel to correct
     assert "compiled / model = " in lines[-1] and "WARNING" not in lines[-1]
-    assert est.step_s == max(est.flops / chips.PUBLISHED_PEAK["TPU v5"],
-                             est.bytes_accessed / chips.PUBLISHED_HBM_BANDWIDTH["TPU v5"])
+    assert est.step_s == max(
+        est.flops / chips.PUBLISHED_PEAK["TPU v5"], est.bytes_accessed / chips.PUBLISHED_HBM_BANDWIDTH["TPU v5"]
+    )
 
 
 @pytest.mark.slow
@@ -100,9 +129,17 @@ def test_plan_rejects_bad_input(capsys):
 def test_compiler_out_of_memory_is_reported_with_its_figures(capsys):
     """Long context without remat: attention scores of every layer kept for the backward pass."""
     long_context = [
-        "model.num_layers=2", "model.d_model=512", "model.num_heads=16", "model.num_kv_heads=8", "model.mlp_dim=1024",
-        "model.vocab_size=1024", "model.dtype=bfloat16", "model.remat=none", "data.seq_len=8192",
-        "train.batch_size=8", "mesh.data=-1",
+        "model.num_layers=2",
+        "model.d_model=512",
+        "model.num_heads=16",
+        "model.num_kv_heads=8",
+        "model.mlp_dim=1024",
+        "model.vocab_size=1024",
+        "model.dtype=bfloat16",
+        "model.remat=none",
+        "data.seq_len=8192",
+        "train.batch_size=8",
+        "mesh.data=-1",
     ]
     assert cli.main(["plan", "--config", CONFIG, "--topology", "v5litepod-4", *long_context]) == 1
     out = capsys.readouterr().out
@@ -118,11 +155,13 @@ def test_ragged_dot_kernels_are_charged_for_the_rows_routing_fills():
 
     dev = topology.devices(topology.parse("v5p-8"))[0]
     rows, d, f, experts = 2048, 256, 512, 4
+
     def shape(*s, dt=jnp.bfloat16):
         return jax.ShapeDtypeStruct(s, dt, sharding=jax.sharding.SingleDeviceSharding(dev))
 
-    compiled = jax.jit(jax.lax.ragged_dot).lower(
-        shape(rows, d), shape(experts, d, f), shape(experts, dt=jnp.int32)).compile()
+    compiled = (
+        jax.jit(jax.lax.ragged_dot).lower(shape(rows, d), shape(experts, d, f), shape(experts, dt=jnp.int32)).compile()
+    )
     [(buffer, tile, charged)] = estimate.ragged_kernels(compiled.as_text())
     assert buffer == rows and charged == 2 * rows * d * f and tile in (8, 16, 32, 64, 128, 256, 512)
     pairs = 256
@@ -135,10 +174,21 @@ def test_ragged_dot_kernels_are_charged_for_the_rows_routing_fills():
 def test_a_large_flops_disagreement_is_a_warning():
     cfg = configs.load(None, TINY)
     est = estimate.Estimate(
-        mesh={"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, dcn={"data": 1, "fsdp": 1, "expert": 1, "tensor": 1},
-        remat="full", device_kind="TPU v5", chips=8, hbm=95 * 2**30, memory=None, oom=None, flops=1e12,
-        cost_analysis_flops=2e12, bytes_accessed=1e9, model_flops=8e12 / 1.3, peak_flops=459e12,
-        hbm_bandwidth=2765e9, compile_s=1.0,
+        mesh={"data": 1, "fsdp": 8, "expert": 1, "tensor": 1},
+        dcn={"data": 1, "fsdp": 1, "expert": 1, "tensor": 1},
+        remat="full",
+        device_kind="TPU v5",
+        chips=8,
+        hbm=95 * 2**30,
+        memory=None,
+        oom=None,
+        flops=1e12,
+        cost_analysis_flops=2e12,
+        bytes_accessed=1e9,
+        model_flops=8e12 / 1.3,
+        peak_flops=459e12,
+        hbm_bandwidth=2765e9,
+        compile_s=1.0,
     )
     assert est.agrees and not any("WARNING" in line for line in estimate.flops_lines(est, cfg))
     assert any("cost analysis alone says" in line for line in estimate.flops_lines(est, cfg))
@@ -149,8 +199,6 @@ def test_a_large_flops_disagreement_is_a_warning():
     low = dataclasses.replace(est, model_flops=8e12 * 2)  # the cost analysis misses work: model FLOPs instead
     assert not low.agrees and low.step_flops == low.model_flops / low.chips > low.flops
     assert low.step_s == low.model_flops / low.chips / low.peak_flops
-
-
 
 
 @pytest.mark.skipif(

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from podtrain.parallel import mesh as meshes
-from podtrain.train import checkpoint, integrity, loop, optim, state as states
+from podtrain.train import checkpoint, integrity, loop, optim
 from podtrain.train import config as configs
+from podtrain.train import state as states
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,10 +78,16 @@ def test_two_processes_restore_onto_one(tiny_config, tmp_path):
     cfg = tiny_config("mesh.devices=0", "mesh.data=1", "mesh.fsdp=8", "checkpoint.every=2")
     config = tmp_path / "cfg.yaml"
     config.write_text(configs.dump(cfg))
-    port, env = _free_port(), {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    port, env = _free_port(), {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", TWO_PROCESS_RUN, str(i), str(port), str(config)], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_RUN, str(i), str(port), str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -89,7 +96,9 @@ def test_two_processes_restore_onto_one(tiny_config, tmp_path):
     assert len(digests) == 1
     val_loss = float(outs[0].split("DIGEST")[1].split()[1])
     assert sorted(p.name for p in Path(cfg.run.dir, "checkpoints", "4", "data").glob("process_*")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
     new_cfg = configs.replace(cfg, mesh={"devices": 8, "data": 2, "fsdp": 1, "tensor": 4})
     state, _, data_iter = _restore(new_cfg, cfg.run.dir)
@@ -119,14 +128,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_config
     import signal
     import time
 
-    cfg = tiny_config("mesh.devices=0", "mesh.data=1", "mesh.fsdp=8", "train.steps=400", "train.eval_every=400",
-                      "checkpoint.every=1000")
+    cfg = tiny_config(
+        "mesh.devices=0",
+        "mesh.data=1",
+        "mesh.fsdp=8",
+        "train.steps=400",
+        "train.eval_every=400",
+        "checkpoint.every=1000",
+    )
     config = tmp_path / "cfg.yaml"
     config.write_text(configs.dump(cfg))
-    port, env = _free_port(), {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    port, env = _free_port(), {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", MULTIHOST_SIGTERM_RUN, str(i), str(port), str(config)], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", MULTIHOST_SIGTERM_RUN, str(i), str(port), str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     metrics = Path(cfg.run.dir, "metrics.jsonl")

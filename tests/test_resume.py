@@ -27,8 +27,14 @@ def _write_config(path: Path, run_dir: Path, tfds_dir, shakespeare_dir) -> Path:
     cfg = {
         "model": {"num_layers": 2, "d_model": 64, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 128},
         "data": {"seq_len": 32, "eval_batches": 2, "data_dir": str(tfds_dir), "manual_dir": str(shakespeare_dir)},
-        "train": {"steps": STEPS, "batch_size": 8, "eval_every": 10, "log_every": 1, "warmup_steps": 2,
-                  "peak_flops": 1e11},
+        "train": {
+            "steps": STEPS,
+            "batch_size": 8,
+            "eval_every": 10,
+            "log_every": 1,
+            "warmup_steps": 2,
+            "peak_flops": 1e11,
+        },
         "checkpoint": {"every": 1, "keep": 2},
         "mesh": {"devices": 1},
         "run": {"dir": str(run_dir), "progress": False},
@@ -38,10 +44,13 @@ def _write_config(path: Path, run_dir: Path, tfds_dir, shakespeare_dir) -> Path:
 
 
 def _start(config: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
         [sys.executable, "-m", "podtrain.launch.cli", "pretrain", "--config", str(config)],
-        cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -93,8 +102,10 @@ def test_sigkill_three_times_then_resume_is_bitwise_identical(uninterrupted, tmp
     proc = _start(config, log)
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     text = log.read_text()
-    print(f"seed {seed}: SIGKILL after logged steps {kills}; on resume: "
-          f"{text.count('leftover temporary folder')} leftover tmp folders, {text.count('is invalid')} invalid steps")
+    print(
+        f"seed {seed}: SIGKILL after logged steps {kills}; on resume: "
+        f"{text.count('leftover temporary folder')} leftover tmp folders, {text.count('is invalid')} invalid steps"
+    )
     assert _final_digest(run_dir) == uninterrupted, f"seed {seed}, killed after logged steps {kills}"
 
 

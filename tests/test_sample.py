@@ -3,13 +3,12 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from podtrain.model import ModelConfig, Transformer, init_cache
 from podtrain.inference import generate
+from podtrain.model import ModelConfig, Transformer, init_cache
 
 # A larger init_std than training uses makes the random model's next-token choices clear-cut,
 # so greedy comparisons are not decided by float noise between two equally likely tokens.
@@ -66,7 +65,7 @@ def test_greedy_generation_equals_argmax_of_full_recompute():
         top2 = np.sort(logits)[-2:]
         assert top2[1] - top2[0] > 1e-4, "near-tie: the comparison would test float noise"
         ids.append(int(np.argmax(logits)))
-    assert got == ids[len(prompt):]
+    assert got == ids[len(prompt) :]
     assert len(set(got)) > 1, "a constant output would not show that the context is used"
 
 
@@ -83,7 +82,7 @@ def test_greedy_generation_past_the_window_equals_recompute_of_the_kept_context(
         ids.append(int(np.argmax(forward(ids[start:])[-1])))
         if len(ids) - start > window:  # the new token has no position left: rebuild the cache
             start = len(ids) - window // 2
-    assert got == ids[len(prompt):]
+    assert got == ids[len(prompt) :]
 
 
 def test_top_k_1_sampling_is_greedy_and_seeds_are_reproducible():

@@ -13,16 +13,26 @@ import jax
 import numpy as np
 import pytest
 
-from podtrain.train import config as configs, optim, state as states, step as steps, validate
-from podtrain.train.loop import global_batch
 from podtrain.parallel import rules
+from podtrain.train import config as configs
+from podtrain.train import optim, validate
+from podtrain.train import state as states
+from podtrain.train import step as steps
+from podtrain.train.loop import global_batch
 
 STEPS, BATCH, SEQ, VOCAB = 3, 16, 16, 64
 # Dims divide every degree used below: 4 heads, 4 kv heads, d_model 64, mlp 128, vocab 64.
 MODEL = [
-    "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=4",
-    "model.mlp_dim=128", f"model.vocab_size={VOCAB}", f"data.seq_len={SEQ}", f"train.batch_size={BATCH}",
-    f"train.steps={STEPS}", "train.warmup_steps=1",
+    "model.num_layers=2",
+    "model.d_model=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=4",
+    "model.mlp_dim=128",
+    f"model.vocab_size={VOCAB}",
+    f"data.seq_len={SEQ}",
+    f"train.batch_size={BATCH}",
+    f"train.steps={STEPS}",
+    "train.warmup_steps=1",
 ]
 LAYOUTS = {
     "data=8": ["mesh.data=8"],
@@ -65,8 +75,10 @@ def assert_same_run(run, reference):
     ref_losses, ref_params = reference
     flat, ref_flat = jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)
     worst = max(np.abs(x - ref).max() / np.abs(ref).max() for (_, x), ref in zip(flat, ref_flat))
-    print(f"max |loss - ref| / |ref| = {np.max(np.abs(losses - ref_losses) / np.abs(ref_losses)):.1e}, "
-          f"max |param - ref| / max|ref| = {worst:.1e}")  # shown with pytest -s
+    print(
+        f"max |loss - ref| / |ref| = {np.max(np.abs(losses - ref_losses) / np.abs(ref_losses)):.1e}, "
+        f"max |param - ref| / max|ref| = {worst:.1e}"
+    )  # shown with pytest -s
     np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
     for (path, x), ref in zip(flat, ref_flat, strict=True):
         np.testing.assert_allclose(x, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max(), err_msg=jax.tree_util.keystr(path))

@@ -16,9 +16,12 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from podtrain.parallel import mesh as meshes, rules
+from podtrain.parallel import mesh as meshes
+from podtrain.parallel import rules
 from podtrain.parallel.config import AXES, MeshConfig
-from podtrain.train import config as configs, state as states, validate
+from podtrain.train import config as configs
+from podtrain.train import state as states
+from podtrain.train import validate
 from podtrain.train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +87,5 @@ def test_sharding_matches_golden(config_path):
     if not golden.exists():
         pytest.fail(f"{golden.relative_to(ROOT)} is missing: run PODTRAIN_UPDATE_GOLDEN=1 pytest {__file__}")
     expected = golden.read_text()
-    diff = "".join(difflib.unified_diff(
-        expected.splitlines(True), text.splitlines(True), "golden", "now"
-    ))
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), "golden", "now"))
     assert text == expected, f"shardings changed for {config_path.name}:\n{diff}"

@@ -10,7 +10,7 @@ def test_pretrain_writes_a_complete_run_dir(tiny_config):
     cfg = tiny_config()
     result = loop.pretrain(cfg)
     run = cfg.run.dir
-    rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    rows = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert {"step", "train_loss", "lr", "tokens_per_s", "mfu"} <= rows[-1].keys()
     assert "val_loss" in rows[1] and np.isclose(rows[-1]["val_loss"], result["val_loss"])

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from podtrain.launch import cli, gke, slurm, submission, submit as submits, tpu_vm
+from podtrain.launch import cli, gke, submission, tpu_vm
+from podtrain.launch import submit as submits
 from podtrain.plan import topology
 from podtrain.train import config as configs
 
@@ -32,8 +33,10 @@ def _with_name(cfg, name):
 def _fake_tool(bin_dir: Path, name: str, log: Path) -> None:
     """An executable `name` that appends its argv to `log`: NUL after each argument, then a newline + NUL."""
     tool = bin_dir / name
-    tool.write_text(f'#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\0" "$a" >> {shlex.quote(str(log))}; done\n'
-                    f'printf "\\n\\0" >> {shlex.quote(str(log))}\n')
+    tool.write_text(
+        f'#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\0" "$a" >> {shlex.quote(str(log))}; done\n'
+        f'printf "\\n\\0" >> {shlex.quote(str(log))}\n'
+    )
     tool.chmod(0o755)
 
 
@@ -57,7 +60,12 @@ def test_resource_names_are_valid_dns_1035_labels(name):
 def test_topology_names():
     sl = topology.parse("v5p-256")
     assert (sl.shape, sl.chips, sl.hosts, sl.accelerator_type, sl.gke_accelerator) == (
-        (4, 4, 8), 128, 32, "v5p-256", "tpu-v5p-slice")
+        (4, 4, 8),
+        128,
+        32,
+        "v5p-256",
+        "tpu-v5p-slice",
+    )
     assert topology.parse("v5litepod-16").libtpu_name == "v5e:4x4"
     assert topology.parse("v6e-8").hosts == 1
     for bad in ("v5p-100", "h100-8", "v5p:4x4"):
@@ -78,7 +86,9 @@ def test_jobset_fields():
     assert job["parallelism"] == job["completions"] == 32 and job["completionMode"] == "Indexed"
     pod = job["template"]["spec"]
     assert pod["nodeSelector"] == {
-        "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice", "cloud.google.com/gke-tpu-topology": "4x4x8"}
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+        "cloud.google.com/gke-tpu-topology": "4x4x8",
+    }
     [container] = pod["containers"]
     assert container["image"] == "example.com/podtrain:1"
     assert container["resources"]["limits"]["google.com/tpu"] == 4
@@ -100,23 +110,40 @@ def test_jobset_process_ids(tmp_path):
     fake = tmp_path / "podtrain"
     fake.write_text('#!/usr/bin/env bash\necho "$PODTRAIN_PROCESS_ID $*"\n')
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PODTRAIN_SLICE_INDEX": "1",
-           "PODTRAIN_HOST_INDEX": "3"}
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "PODTRAIN_SLICE_INDEX": "1",
+        "PODTRAIN_HOST_INDEX": "3",
+    }
     out = subprocess.run(container["command"], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["35", "pretrain", "--config", f"{gke.CONFIG_DIR}/{submission.JOB_CONFIG}"]
 
 
 def test_sbatch_script_fields_and_inert_name(tmp_path):
-    cfg = _with_name(_cfg("launch.slurm_nodes=4", "launch.slurm_gpus_per_node=8", "launch.slurm_partition=gpu_h100",
-                          "launch.slurm_time=2-00:00:00"), EVIL)
+    cfg = _with_name(
+        _cfg(
+            "launch.slurm_nodes=4",
+            "launch.slurm_gpus_per_node=8",
+            "launch.slurm_partition=gpu_h100",
+            "launch.slurm_time=2-00:00:00",
+        ),
+        EVIL,
+    )
     sub = submits.build(cfg, "slurm")
     [sbatch_path] = [p for p in sub.files if p.suffix == ".sbatch"]
     text = sub.files[sbatch_path]
-    directives = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in text.splitlines()
-                      if line.startswith("#SBATCH"))
+    directives = dict(
+        line.removeprefix("#SBATCH --").split("=", 1) for line in text.splitlines() if line.startswith("#SBATCH")
+    )
     assert directives == {
-        "job-name": submission.resource_name(EVIL), "nodes": "4", "ntasks-per-node": "8", "gpus-per-node": "8",
-        "time": "2-00:00:00", "output": f"{submission.resource_name(EVIL)}-%j.out", "partition": "gpu_h100",
+        "job-name": submission.resource_name(EVIL),
+        "nodes": "4",
+        "ntasks-per-node": "8",
+        "gpus-per-node": "8",
+        "time": "2-00:00:00",
+        "output": f"{submission.resource_name(EVIL)}-%j.out",
+        "partition": "gpu_h100",
     }
     assert sub.commands == [["sbatch", str(sbatch_path)]]
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
@@ -149,8 +176,10 @@ GCLOUD = {
     ("compute", "tpus", "tpu-vm", "ssh"): (1, WHERE | {"--worker", "--command"}, set()),
     ("compute", "tpus", "tpu-vm", "scp"): (None, WHERE | {"--worker", "--recurse"}, set()),
     ("compute", "tpus", "queued-resources", "create"): (
-        1, WHERE | {"--accelerator-type", "--runtime-version", "--node-count", "--node-prefix"},
-        {"--runtime-version", "--node-count"}),
+        1,
+        WHERE | {"--accelerator-type", "--runtime-version", "--node-count", "--node-prefix"},
+        {"--runtime-version", "--node-count"},
+    ),
     ("compute", "tpus", "queued-resources", "describe"): (1, WHERE | {"--format"}, set()),
     ("compute", "tpus", "queued-resources", "ssh"): (1, WHERE | {"--worker", "--node", "--command"}, set()),
     ("compute", "tpus", "queued-resources", "scp"): (None, WHERE | {"--worker", "--node", "--recurse"}, set()),
@@ -285,19 +314,33 @@ def test_shipped_configs_load_and_dry_run(path):
 
 @pytest.mark.slow
 def test_submit_local_runs_a_two_process_training(tmp_path, monkeypatch, tfds_dir, shakespeare_dir, capfd):
-    pytest.importorskip("podtrain.launch.local", reason="`podtrain launch local` (the parallel issue) is not merged yet")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     run_dir = tmp_path / "run"
     overrides = [
-        "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
-        "data.seq_len=16", "data.eval_batches=2", "train.batch_size=8", "train.steps=4", "train.eval_every=2",
-        "train.log_every=1", "train.warmup_steps=1", "train.peak_flops=1e11", "run.progress=false",
-        f"data.data_dir={tfds_dir}", f"data.manual_dir={shakespeare_dir}", f"run.dir={run_dir}",
-        "launch.local_processes=2", "launch.local_devices_per_process=4", "launch.job_name=local two",
+        "model.num_layers=2",
+        "model.d_model=32",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "model.mlp_dim=64",
+        "data.seq_len=16",
+        "data.eval_batches=2",
+        "train.batch_size=8",
+        "train.steps=4",
+        "train.eval_every=2",
+        "train.log_every=1",
+        "train.warmup_steps=1",
+        "train.peak_flops=1e11",
+        "run.progress=false",
+        f"data.data_dir={tfds_dir}",
+        f"data.manual_dir={shakespeare_dir}",
+        f"run.dir={run_dir}",
+        "launch.local_processes=2",
+        "launch.local_devices_per_process=4",
+        "launch.job_name=local two",
     ]
-    code = cli.main(["submit", "--target", "local", "--config", str(ROOT / "configs" / "shakespeare_char.yaml"),
-                     *overrides])
+    code = cli.main(
+        ["submit", "--target", "local", "--config", str(ROOT / "configs" / "shakespeare_char.yaml"), *overrides]
+    )
     out = capfd.readouterr().out
     assert code == 0, out
     assert "[p0]" in out and "[p1]" in out
@@ -310,8 +353,9 @@ def test_an_expert_degree_that_does_not_divide_the_experts_is_refused_before_sub
     monkeypatch.chdir(tmp_path)
     config = ROOT / "configs" / "shakespeare_moe.yaml"
     for target in ("tpu-vm", "gke", "slurm", "local"):
-        code = cli.main(["submit", "--target", target, "--config", str(config), "--dry-run", "launch.image=x",
-                         "mesh.expert=3"])
+        code = cli.main(
+            ["submit", "--target", target, "--config", str(config), "--dry-run", "launch.image=x", "mesh.expert=3"]
+        )
         err = capsys.readouterr().err
         assert code == 2 and "model.moe.num_experts=8" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / submits.STAGE_ROOT).exists()

@@ -48,13 +48,15 @@ def _is_primary() -> bool:
 
 
 def _preservation(keep: int):
-    return checkpoint_managers.AnyPreservationPolicy([
-        checkpoint_managers.LatestN(n=keep),
-        # ascending sort with reverse=True puts the lowest loss last, which BestN keeps
-        checkpoint_managers.BestN(
-            get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1, keep_checkpoints_without_metrics=False
-        ),
-    ])
+    return checkpoint_managers.AnyPreservationPolicy(
+        [
+            checkpoint_managers.LatestN(n=keep),
+            # ascending sort with reverse=True puts the lowest loss last, which BestN keeps
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1, keep_checkpoints_without_metrics=False
+            ),
+        ]
+    )
 
 
 class Checkpoints:
@@ -112,16 +114,20 @@ class Checkpoints:
         out of Orbax's way (primary only) so that those steps can be saved again."""
         steps, leftovers = integrity.scan(self.root)
         for path in leftovers:
-            _warn(f"checkpoint step {integrity.tmp_step(path)}: leftover temporary folder {path.name} of a save "
-                  f"that never completed; deleting it")
+            _warn(
+                f"checkpoint step {integrity.tmp_step(path)}: leftover temporary folder {path.name} of a save "
+                f"that never completed; deleting it"
+            )
             if _is_primary():
                 shutil.rmtree(path, ignore_errors=True)
         for status in reversed(steps):
             if status.valid:
                 break
             dest = self.run_dir / INVALID_DIRNAME / str(status.step)
-            _warn(f"checkpoint step {status.step} is invalid ({status.problem}); moved to {dest}, "
-                  f"an older valid step is used")
+            _warn(
+                f"checkpoint step {status.step} is invalid ({status.problem}); moved to {dest}, "
+                f"an older valid step is used"
+            )
             if _is_primary():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 while dest.exists():
@@ -259,8 +265,13 @@ def listing(run_dir: str | Path) -> list[dict]:
     run_dir = Path(run_dir)
     steps, leftovers = integrity.scan(run_dir / DIRNAME)
     rows = [
-        {"step": integrity.tmp_step(p), "valid": False, "problem": "leftover temporary folder", "val_loss": None,
-         "params_digest": None}
+        {
+            "step": integrity.tmp_step(p),
+            "valid": False,
+            "problem": "leftover temporary folder",
+            "val_loss": None,
+            "params_digest": None,
+        }
         for p in leftovers
     ]
     if any(s.valid for s in steps):
@@ -276,6 +287,8 @@ def listing(run_dir: str | Path) -> list[dict]:
         finally:
             ckpts.close()
     else:
-        rows += [{"step": s.step, "valid": False, "problem": s.problem, "val_loss": None, "params_digest": None}
-                 for s in steps]
-    return sorted(rows, key=lambda r: (str(r["step"]).zfill(12)))
+        rows += [
+            {"step": s.step, "valid": False, "problem": s.problem, "val_loss": None, "params_digest": None}
+            for s in steps
+        ]
+    return sorted(rows, key=lambda r: str(r["step"]).zfill(12))

@@ -113,7 +113,13 @@ class LaunchConfig:
 
     def __post_init__(self):
         check(self.job_name.strip() != "", "launch.job_name is empty: name the job")
-        for name in ("num_slices", "slurm_nodes", "slurm_gpus_per_node", "local_processes", "local_devices_per_process"):
+        for name in (
+            "num_slices",
+            "slurm_nodes",
+            "slurm_gpus_per_node",
+            "local_processes",
+            "local_devices_per_process",
+        ):
             check(getattr(self, name) >= 1, f"launch.{name}={getattr(self, name)} must be >= 1")
 
 
@@ -245,7 +251,10 @@ def dump(cfg: Config) -> str:
 def replace(cfg, **sections):
     """Config with some sections' fields replaced, nested sections as dicts too:
     replace(cfg, model={'vocab_size': 65, 'moe': {'num_experts': 8}})."""
-    return dataclasses.replace(cfg, **{
-        name: replace(getattr(cfg, name), **value) if isinstance(value, dict) else value
-        for name, value in sections.items()
-    })
+    return dataclasses.replace(
+        cfg,
+        **{
+            name: replace(getattr(cfg, name), **value) if isinstance(value, dict) else value
+            for name, value in sections.items()
+        },
+    )

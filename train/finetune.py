@@ -18,10 +18,13 @@ from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
 
 from podtrain.data import packing, pipeline, splits, tokenizer
+from podtrain.parallel import devices, distributed, rules
+from podtrain.parallel import mesh as meshes
 from podtrain.parallel.config import MeshConfig
-from podtrain.parallel import devices, distributed, mesh as meshes, rules
-from podtrain.train import adapters, checkpoint, config as configs, loop, optim
-from podtrain.train import state as states, step as steps, validate
+from podtrain.train import adapters, checkpoint, loop, optim, validate
+from podtrain.train import config as configs
+from podtrain.train import state as states
+from podtrain.train import step as steps
 from podtrain.train.config import Config, ConfigError
 
 
@@ -65,8 +68,11 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizer.Tokenizer]:
 
 def _check_routing(cfg: Config, base_moe: dict, where: str) -> None:
     ours = configs.to_dict(cfg)["model"]["moe"]
-    diffs = [f"model.moe.{k}={ours[k]!r} (base {base_moe[k]!r})" for k in ROUTING_KEYS
-             if cfg.model.moe.enabled and k in base_moe and base_moe[k] != ours[k]]
+    diffs = [
+        f"model.moe.{k}={ours[k]!r} (base {base_moe[k]!r})"
+        for k in ROUTING_KEYS
+        if cfg.model.moe.enabled and k in base_moe and base_moe[k] != ours[k]
+    ]
     if diffs:
         raise ConfigError(
             f"MoE routing differs from the base run {where}: {'; '.join(diffs)}; "
@@ -78,12 +84,20 @@ def check_architecture(cfg: Config, run_dir: Path, step: int) -> None:
     """ConfigError listing every parameter or buffer path whose shape differs, is missing, or is extra."""
     with PyTreeCheckpointer() as ckptr:
         meta = dict(ckptr.metadata(run_dir / checkpoint.DIRNAME / str(step) / "state").item_metadata)
-    base = {p: tuple(m.shape) for part in ("params", "buffers") for p, m in adapters.flatten(meta.get(part) or {}).items()}
+    base = {
+        p: tuple(m.shape) for part in ("params", "buffers") for p, m in adapters.flatten(meta.get(part) or {}).items()
+    }
     _, abstract_params, abstract_buffers = states.abstract_model(cfg.model)
-    ours = {adapters.path_str(p): tuple(v.shape)
-            for tree in (abstract_params, abstract_buffers) for p, v in nnx.to_flat_state(tree)}
-    diffs = [f"{p}: base {base.get(p, 'missing')} vs {ours.get(p, 'missing')}"
-             for p in sorted(base.keys() | ours.keys()) if base.get(p) != ours.get(p)]
+    ours = {
+        adapters.path_str(p): tuple(v.shape)
+        for tree in (abstract_params, abstract_buffers)
+        for p, v in nnx.to_flat_state(tree)
+    }
+    diffs = [
+        f"{p}: base {base.get(p, 'missing')} vs {ours.get(p, 'missing')}"
+        for p in sorted(base.keys() | ours.keys())
+        if base.get(p) != ours.get(p)
+    ]
     if diffs:
         raise ConfigError(
             f"model does not match the base run {run_dir} step {step}: {'; '.join(diffs)}; "
@@ -101,8 +115,9 @@ def load_data(cfg: Config, tok, pid: int, nproc: int):
         ids = {split: splits.encode(tok, split, c) for split, c in content.items()}
     except ValueError as e:
         raise ConfigError(f"{e}; the base run's tokenizer cannot encode them (clean the data)") from None
-    sources = {split: packing.Rows(packing.pack(v, t)) if packed else pipeline.Windows(v, t)
-               for split, v in ids.items()}
+    sources = {
+        split: packing.Rows(packing.pack(v, t)) if packed else pipeline.Windows(v, t) for split, v in ids.items()
+    }
     train = pipeline.train_dataset(sources["train"], bs, seed, pid, nproc)
     val = pipeline.eval_batches(sources["validation"], bs, cfg.data.eval_batches, seed, pid, nproc)
     return iter(train), val
@@ -135,8 +150,7 @@ def finetune(cfg: Config) -> dict:
     if state is None:
         base = base_parts(cfg, mesh, base_dir, base_step)
         state = adapters.init_state(adapter, base["params"], base.get("buffers", {}), tx, lay, cfg.train.seed)
-    result = loop.run_loop(cfg, run_dir, tok, lay, state, train_step, eval_step, data_iter, val, ckpts,
-                           eval_first=True)
+    result = loop.run_loop(cfg, run_dir, tok, lay, state, train_step, eval_step, data_iter, val, ckpts, eval_first=True)
     return result | {"params": adapter.merged(result["state"].params), "base": f"{base_dir}:{base_step}"}
 
 

@@ -10,11 +10,27 @@ from tqdm import tqdm
 
 from podtrain.data import pipeline, splits, tokenizer
 from podtrain.parallel import devices, distributed, rules
-from podtrain.train import checkpoint, config as configs, metrics as metrics_io, moe_stats, optim, state as states, step as steps
-from podtrain.train import validate
+from podtrain.train import (
+    checkpoint,
+    moe_stats,
+    optim,
+    validate,
+)
+from podtrain.train import (
+    config as configs,
+)
+from podtrain.train import (
+    metrics as metrics_io,
+)
+from podtrain.train import (
+    state as states,
+)
+from podtrain.train import (
+    step as steps,
+)
+from podtrain.train.config import Config, ConfigError
 from podtrain.train.health import BadSteps
 from podtrain.train.preemption import PreemptionWatch
-from podtrain.train.config import Config, ConfigError
 
 SPLITS = ("train", "validation", "test")
 
@@ -46,7 +62,8 @@ def prepare_run_dir(cfg: Config, tok) -> Path:
         where = ("run.", "mesh.", "launch.")  # where it runs is not what it is
         diffs = [
             f"{key}: {old.get(key)!r} -> {new[key]!r}"
-            for key in new if not key.startswith(where) and old.get(key) != new[key]
+            for key in new
+            if not key.startswith(where) and old.get(key) != new[key]
         ]
         if diffs:
             raise ConfigError(
@@ -116,8 +133,18 @@ def pretrain(cfg: Config) -> dict:
 
 
 def run_loop(
-    cfg: Config, run_dir: Path, tok, lay: states.Layout, state: states.TrainState, train_step, eval_step, data_iter,
-    val: list, ckpts: checkpoint.Checkpoints, *, eval_first: bool = False,
+    cfg: Config,
+    run_dir: Path,
+    tok,
+    lay: states.Layout,
+    state: states.TrainState,
+    train_step,
+    eval_step,
+    data_iter,
+    val: list,
+    ckpts: checkpoint.Checkpoints,
+    *,
+    eval_first: bool = False,
 ) -> dict:
     """The step loop that pretrain and finetune share: steps state.step + 1 .. train.steps, logs
     (loss, lr, tokens/s, MFU, MoE statistics), evaluates (with state.buffers), checkpoints, stops
@@ -140,8 +167,12 @@ def run_loop(
     log = metrics_io.MetricsLog(run_dir, enabled=pid == 0)
     schedule = optim.schedule(cfg.train)
     progress = tqdm(
-        total=cfg.train.steps, initial=start, disable=not cfg.run.progress or pid != 0,
-        unit="step", dynamic_ncols=True, mininterval=1.0,
+        total=cfg.train.steps,
+        initial=start,
+        disable=not cfg.run.progress or pid != 0,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
     )
     val_loss = math.nan
     if eval_first and start == 0:
@@ -164,8 +195,11 @@ def run_loop(
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * bs * t / elapsed if window_steps else math.nan
             row = {
-                "train_loss": out["train_loss"], "grad_norm": out["grad_norm"], "lr": schedule(step - 1),
-                "tokens_per_s": tokens_per_s, "skipped_steps": bad.total,
+                "train_loss": out["train_loss"],
+                "grad_norm": out["grad_norm"],
+                "lr": schedule(step - 1),
+                "tokens_per_s": tokens_per_s,
+                "skipped_steps": bad.total,
                 "mfu": tokens_per_s / (bs * t) * flops_per_step / (peak * jax.device_count()),
             }
             window_start, window_steps = time.perf_counter(), 0
@@ -199,6 +233,10 @@ def run_loop(
         moe_stats.plot_load(run_dir)
     log.close()
     return {
-        "val_loss": val_loss, "step": step if preempted else cfg.train.steps, "run_dir": str(run_dir),
-        "state": state, "preempted": preempted, "skipped_steps": bad.total,
+        "val_loss": val_loss,
+        "step": step if preempted else cfg.train.steps,
+        "run_dir": str(run_dir),
+        "state": state,
+        "preempted": preempted,
+        "skipped_steps": bad.total,
     }

@@ -61,7 +61,10 @@ def layout(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> La
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(param_shardings, opt_shardings, replicated, replicated, buffer_shardings)
     shapes = TrainState(
-        abstract_params, abstract_opt, jax.ShapeDtypeStruct((), "int32"), jax.eval_shape(rng_key, 0),
+        abstract_params,
+        abstract_opt,
+        jax.ShapeDtypeStruct((), "int32"),
+        jax.eval_shape(rng_key, 0),
         nnx.to_pure_dict(abstract_buffers),
     )
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -146,7 +146,10 @@ def make_train_step(
 
     batch_sharding = rules.batch_sharding(lay.mesh)
     jitted = jax.jit(
-        step, in_shardings=(lay.state, batch_sharding), out_shardings=(lay.state, None), donate_argnums=0,
+        step,
+        in_shardings=(lay.state, batch_sharding),
+        out_shardings=(lay.state, None),
+        donate_argnums=0,
         compiler_options=devices.compiler_options(lay.mesh),
     )
     return under_mesh(jitted, lay.mesh)

@@ -7,7 +7,8 @@ the model and the batch, which parallel/ does not.
 import jax
 from jax.sharding import Mesh
 
-from podtrain.parallel import mesh as meshes, rules
+from podtrain.parallel import mesh as meshes
+from podtrain.parallel import rules
 from podtrain.train.config import Config, ConfigError
 
 
