@@ -40,9 +40,7 @@ def _prepare_locked(cfg: DataConfig, data_dir: Path) -> tfds.core.DatasetBuilder
         tfds.disable_progress_bar()
         manual_dir = str(Path(cfg.manual_dir).expanduser().resolve()) if cfg.manual_dir else None
         source_dir = builder.fetch_source(manual_dir, data_dir / "downloads" / builder.name)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)),
-        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)))
     return builder
 
 

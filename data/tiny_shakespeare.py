@@ -57,9 +57,7 @@ class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-            homepage=URL,
+            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}), homepage=URL
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):

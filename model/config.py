@@ -61,10 +61,7 @@ class MoEConfig:
         check_choice("model.moe.dispatch", self.dispatch, DISPATCHES)
         check_choice("model.moe.dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
         check(self.n_groups >= 1, f"model.moe.n_groups={self.n_groups} must be >= 1")
-        check(
-            e % self.n_groups == 0,
-            f"model.moe.n_groups={self.n_groups} must divide model.moe.num_experts={e}",
-        )
+        check(e % self.n_groups == 0, f"model.moe.n_groups={self.n_groups} must divide model.moe.num_experts={e}")
         check(
             1 <= self.topk_groups <= self.n_groups,
             f"model.moe.topk_groups={self.topk_groups} must be in [1, model.moe.n_groups={self.n_groups}]",

@@ -365,7 +365,7 @@ def flops_lines(est: Estimate, cfg: Config) -> list[str]:
     """Compiled and analytic FLOPs side by side, which one the estimate uses, and any disagreement."""
     lines = [
         f"FLOPs per step, all chips: compiled {est.flops * est.chips:.3e} ({est.flops:.3e} per chip; cost analysis, "
-        f"loop-corrected), model {est.model_flops:.3e} (6N + attention): compiled / model = {est.flops_ratio:.2f}",
+        f"loop-corrected), model {est.model_flops:.3e} (6N + attention): compiled / model = {est.flops_ratio:.2f}"
     ]
     if est.cost_analysis_flops > 1.01 * est.flops:
         lines.append(

@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE_DIR = ROOT.parent / "shared" / "data" / "tinyshakespeare"
 
 
+# The overrides every short training test starts from: a tiny model on tiny-shakespeare, 4 steps.
+TINY = [
+    "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=64",
+    "data.seq_len=16", "data.eval_batches=2", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=1",
+    "train.peak_flops=1e11", "run.progress=false",
+]  # fmt: skip
+TINY_STEPS = ["train.steps=4", "train.eval_every=2"]
+
+
 @pytest.fixture(scope="session")
 def shakespeare_dir() -> Path:
     if not (SHAKESPEARE_DIR / "input.txt").exists():
@@ -40,21 +49,9 @@ def tiny_config(tmp_path, tfds_dir, shakespeare_dir):
 
     def make(*overrides: str) -> configs.Config:
         base = [
-            "model.num_layers=2",
-            "model.d_model=32",
-            "model.num_heads=4",
-            "model.num_kv_heads=2",
-            "model.mlp_dim=64",
-            "data.seq_len=16",
-            "data.eval_batches=2",
-            "train.batch_size=8",
-            "train.steps=4",
-            "train.eval_every=2",
-            "train.log_every=1",
-            "train.warmup_steps=1",
-            "train.peak_flops=1e11",
+            *TINY,
+            *TINY_STEPS,
             "mesh.devices=1",
-            "run.progress=false",
             f"data.data_dir={tfds_dir}",
             f"data.manual_dir={shakespeare_dir}",
             f"run.dir={tmp_path / 'run'}",

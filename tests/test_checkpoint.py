@@ -13,6 +13,8 @@ from podtrain.train import checkpoint, integrity, loop, optim
 from podtrain.train import state as states
 from podtrain.train.integrity import CorruptCheckpointWarning
 
+from conftest import TINY, TINY_STEPS
+
 
 def _layout(cfg):
     return states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
@@ -75,21 +77,9 @@ def saved_run(tmp_path_factory, tfds_dir, shakespeare_dir):
     cfg = configs.load(
         None,
         [
-            "model.num_layers=2",
-            "model.d_model=32",
-            "model.num_heads=4",
-            "model.num_kv_heads=2",
-            "model.mlp_dim=64",
-            "data.seq_len=16",
-            "data.eval_batches=2",
-            "train.batch_size=8",
-            "train.steps=4",
-            "train.eval_every=2",
-            "train.log_every=1",
-            "train.warmup_steps=1",
-            "train.peak_flops=1e11",
+            *TINY,
+            *TINY_STEPS,
             "mesh.devices=1",
-            "run.progress=false",
             "checkpoint.every=2",
             f"data.data_dir={tfds_dir}",
             f"data.manual_dir={shakespeare_dir}",

@@ -16,21 +16,9 @@ from podtrain.train import state as states
 from podtrain.train import step as steps
 from podtrain.train.config import ConfigError
 
-TINY = [
-    "model.num_layers=2",
-    "model.d_model=32",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.mlp_dim=64",
-    "data.seq_len=16",
-    "data.eval_batches=2",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.warmup_steps=1",
-    "train.peak_flops=1e11",
-    "mesh.devices=1",
-    "run.progress=false",
-]
+import conftest
+
+TINY = [*conftest.TINY, "mesh.devices=1"]
 # DeepSeek-V3-style routing: the router bias (a buffer, not a parameter) picks the experts
 MOE = [
     "model.moe.num_experts=4",

@@ -42,9 +42,7 @@ LAYOUTS = {
 
 def snapshot(config_path: Path) -> str:
     cfg = configs.load(config_path)
-    lines = [
-        f"# parameter shardings of configs/{config_path.name}; regenerate: see tests/test_sharding_golden.py",
-    ]
+    lines = [f"# parameter shardings of configs/{config_path.name}; regenerate: see tests/test_sharding_golden.py"]
     if cfg.model.vocab_size == 0:
         lines.append(f"# model.vocab_size=0 (from the tokenizer): snapshot taken with vocab_size={VOCAB_STAND_IN}")
         cfg = configs.replace(cfg, model={"vocab_size": VOCAB_STAND_IN})

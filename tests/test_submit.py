@@ -16,6 +16,8 @@ from podtrain.launch import submit as submits
 from podtrain.plan import topology
 from podtrain.train import config as configs
 
+from conftest import TINY, TINY_STEPS
+
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = """my "job" 'x' $(touch PWNED) `touch PWNED2`; touch PWNED3 && echo $HOME"""
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -317,20 +319,8 @@ def test_submit_local_runs_a_two_process_training(tmp_path, monkeypatch, tfds_di
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     overrides = [
-        "model.num_layers=2",
-        "model.d_model=32",
-        "model.num_heads=4",
-        "model.num_kv_heads=2",
-        "model.mlp_dim=64",
-        "data.seq_len=16",
-        "data.eval_batches=2",
-        "train.batch_size=8",
-        "train.steps=4",
-        "train.eval_every=2",
-        "train.log_every=1",
-        "train.warmup_steps=1",
-        "train.peak_flops=1e11",
-        "run.progress=false",
+        *TINY,
+        *TINY_STEPS,
         f"data.data_dir={tfds_dir}",
         f"data.manual_dir={shakespeare_dir}",
         f"run.dir={run_dir}",

@@ -10,24 +10,11 @@ from tqdm import tqdm
 
 from podtrain.data import pipeline, splits, tokenizer
 from podtrain.parallel import devices, distributed, rules
-from podtrain.train import (
-    checkpoint,
-    moe_stats,
-    optim,
-    validate,
-)
-from podtrain.train import (
-    config as configs,
-)
-from podtrain.train import (
-    metrics as metrics_io,
-)
-from podtrain.train import (
-    state as states,
-)
-from podtrain.train import (
-    step as steps,
-)
+from podtrain.train import checkpoint, moe_stats, optim, validate
+from podtrain.train import config as configs
+from podtrain.train import metrics as metrics_io
+from podtrain.train import state as states
+from podtrain.train import step as steps
 from podtrain.train.config import Config, ConfigError
 from podtrain.train.health import BadSteps
 from podtrain.train.preemption import PreemptionWatch
