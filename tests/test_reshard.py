@@ -19,6 +19,25 @@ from podtrain.train import state as states
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _two_processes(script: str, cfg, tmp_path) -> list[subprocess.Popen]:
+    """`script` started as processes 0 and 1 of one JAX job on 127.0.0.1, argv: rank, port, config."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text(configs.dump(cfg))
+    port, env = _free_port(), {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-c", script]
+    return [
+        subprocess.Popen(
+            [*cmd, str(i), str(port), str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
 class _Iter:
     state = None
 
@@ -76,20 +95,7 @@ TWO_PROCESS_RUN = textwrap.dedent("""
 def test_two_processes_restore_onto_one(tiny_config, tmp_path):
     """2 processes x 4 devices (fsdp=8) save; this one process (data=2 x tensor=4) restores."""
     cfg = tiny_config("mesh.devices=0", "mesh.data=1", "mesh.fsdp=8", "checkpoint.every=2")
-    config = tmp_path / "cfg.yaml"
-    config.write_text(configs.dump(cfg))
-    port, env = _free_port(), {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", TWO_PROCESS_RUN, str(i), str(port), str(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _two_processes(TWO_PROCESS_RUN, cfg, tmp_path)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
     digests = {line.split()[1] for out in outs for line in out.splitlines() if line.startswith("DIGEST")}
@@ -136,20 +142,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_config
         "train.eval_every=400",
         "checkpoint.every=1000",
     )
-    config = tmp_path / "cfg.yaml"
-    config.write_text(configs.dump(cfg))
-    port, env = _free_port(), {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", MULTIHOST_SIGTERM_RUN, str(i), str(port), str(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _two_processes(MULTIHOST_SIGTERM_RUN, cfg, tmp_path)
     metrics = Path(cfg.run.dir, "metrics.jsonl")
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):

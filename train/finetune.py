@@ -18,10 +18,10 @@ from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
 
 from podtrain.data import packing, pipeline, splits, tokenizer
-from podtrain.parallel import devices, distributed, rules
 from podtrain.parallel import mesh as meshes
+from podtrain.parallel import rules
 from podtrain.parallel.config import MeshConfig
-from podtrain.train import adapters, checkpoint, loop, optim, validate
+from podtrain.train import adapters, checkpoint, loop, optim
 from podtrain.train import config as configs
 from podtrain.train import state as states
 from podtrain.train import step as steps
@@ -125,11 +125,9 @@ def load_data(cfg: Config, tok, pid: int, nproc: int):
 
 def finetune(cfg: Config) -> dict:
     """Fine-tune (or resume fine-tuning in run.dir). Returns loop.run_loop's figures and
-    'params': merged, in the base model's tree; 'base': RUN_DIR:STEP it started from. Lays out
-    the CPU devices first, as pretrain does."""
-    devices.use_cpu_cores_for(cfg.mesh, cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.model.d_model)
-    distributed.initialize()  # joins the job when a launcher started several processes
-    mesh = validate.build_mesh(cfg)
+    'params': merged, in the base model's tree; 'base': RUN_DIR:STEP it started from. Starts
+    like pretrain (loop.start_run)."""
+    mesh = loop.start_run(cfg)
     base_dir, base_step, tok = base_checkpoint(cfg)
     cfg = loop.resolve(cfg, tok.vocab_size)
     check_architecture(cfg, base_dir, base_step)

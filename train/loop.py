@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from podtrain.data import pipeline, splits, tokenizer
@@ -84,15 +85,21 @@ def evaluate(eval_step, params, batches, buffers=None) -> float:
     return total_loss / total_weight
 
 
+def start_run(cfg: Config) -> Mesh:
+    """What pretrain and finetune do first, in this order: on a CPU host make the cores JAX devices
+    (parallel/devices.py; not once a backend runs), join the job when a launcher started several
+    processes, and build the mesh after checking the config against it."""
+    devices.use_cpu_cores_for(cfg.mesh, cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.model.d_model)
+    distributed.initialize()
+    return validate.build_mesh(cfg)
+
+
 def pretrain(cfg: Config) -> dict:
     """Train from scratch, or resume from run.dir's newest valid checkpoint. Returns final figures.
 
-    On SIGTERM: finishes the current step, saves it and returns with 'preempted': True. On a CPU
-    host it first makes the cores JAX devices (parallel/devices.py), unless a backend already runs.
+    On SIGTERM: finishes the current step, saves it and returns with 'preempted': True.
     """
-    devices.use_cpu_cores_for(cfg.mesh, cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.model.d_model)
-    distributed.initialize()  # joins the job when a launcher started several processes
-    mesh = validate.build_mesh(cfg)
+    mesh = start_run(cfg)
     tok, tokens = load_data(cfg)
     cfg = resolve(cfg, tok.vocab_size)
     run_dir = prepare_run_dir(cfg, tok)
