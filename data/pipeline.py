@@ -1,60 +1,353 @@
-"""Deterministic, resumable Grain pipelines: per-process slices of seeded global batches.
+"""Streaming, deterministic, resumable batches of packed documents.
 
-Any random-access source of rows (dicts of arrays) is served the same way: its rows in an order
-shuffled with the seed (reshuffled each epoch by Grain); global batch b is rows [b*B, (b+1)*B) of
-that order, and process p of P reads rows [p*B/P, (p+1)*B/P) of it. So the global batch is the same
-for any process count, and so is the Grain iterator state, {'next_index': global batches read},
-which lets a run resume on another process count (train/checkpoint.py). Pretraining's rows are
-(seq_len + 1)-token windows (Windows), fine-tuning's may be packed examples (data/packing.py).
+The global batch has B rows; row r of every batch comes from stream r. The corpus is a sequence of
+global slots g = 0, 1, 2, ...; slot g names one unit of one source (data/sources.py): each source's
+units in an order Grain shuffles anew every epoch, several sources mixed by weight with Grain's
+`MapDataset.mix`. Stream r reads slots r, r+B, r+2B, ...: a slot's documents, in an order shuffled
+with a seed of g, are tokenized ([bos] + ids + [eos]) and packed one after another into rows of
+seq_len positions (concat-then-split: a text document continues in the stream's next row;
+fine-tuning examples are placed whole, in a new row when the next one does not fit). Each document
+piece in a row has its own segment id (1, 2, ...; 0 is padding, weight 0) and positions restarting
+at 0, so attention never crosses documents (model/transformer.py).
+
+Process p of P owns streams [p*B/P, (p+1)*B/P) and reads only their slots, so the global batch at
+every step is the same for any process count. Slots are read and tokenized ahead by Grain, in
+`data.workers` worker processes (0: a thread of this process). The iterator state, saved in every
+checkpoint, is each stream's position (slot, document, pair within the document): a resumed run
+sees exactly the batches of an uninterrupted one, on any process count.
 """
+
+import collections
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import grain
 import numpy as np
 
+from podtrain.data import sources as sources_lib
+from podtrain.data.config import DataConfig, MixtureEntry
 
-class Windows:
-    """Random-access source: row i is the window tokens[i : i + seq_len + 1] as inputs and targets."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        if len(tokens) <= seq_len:
-            raise ValueError(f"data.seq_len={seq_len} must be shorter than the split ({len(tokens)} tokens)")
-        self.tokens, self.seq_len = tokens, seq_len
-
-    def __len__(self) -> int:
-        return len(self.tokens) - self.seq_len
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        window = self.tokens[i : i + self.seq_len + 1]
-        return {"inputs": window[:-1], "targets": window[1:]}
+KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+NAMED_SPLITS = ("tiny_shakespeare", "tfds:")  # datasets with their own validation split
 
 
-def train_dataset(
-    source: grain.sources.RandomAccessDataSource,
-    global_batch: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.IterDataset:
-    """Endless per-process batches of `source`'s rows: each key (global_batch / process_count, ...)."""
-    local = global_batch // process_count
-    shuffled = grain.MapDataset.source(source).shuffle(seed=seed)
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """One source of a split. `holdout` > 0: documents chosen by sources.is_heldout are the
+    validation split (keep='heldout') and left out of training (keep='rest')."""
 
-    def global_index(j: int) -> int:
-        return (j // local) * global_batch + process_index * local + j % local
+    source: sources_lib.Source
+    weight: float = 1.0
+    text_key: str = "text"
+    holdout: float = 0.0
+    keep: str = "all"  # 'all' | 'rest' | 'heldout'
 
-    rows = grain.MapDataset.range(2**62).map(lambda j: shuffled[global_index(j)])
-    batches = rows.batch(local, drop_remainder=True)
-    return batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
+    def kept(self, unit: int, index: int, seed: int) -> bool:
+        if self.keep == "all" or self.holdout <= 0:
+            return True
+        return sources_lib.is_heldout(unit, index, self.holdout, seed) == (self.keep == "heldout")
+
+
+def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
+    """(training inputs, validation inputs) of the data config; DataError before anything is written."""
+    entries = cfg.mixture or (MixtureEntry(cfg.dataset, 1.0, cfg.text_key),)
+    train, val = [], []
+    for e in entries:
+        named = e.dataset.startswith(NAMED_SPLITS)
+        source = sources_lib.open_source(e.dataset, "train", cfg)
+        holdout = 0.0 if named or cfg.validation else cfg.holdout
+        train.append(Input(source, e.weight, e.text_key, holdout, "rest" if holdout else "all"))
+        if cfg.validation.startswith("split:"):
+            val.append(Input(sources_lib.open_source(e.dataset, cfg.validation[len("split:") :], cfg), 1.0, e.text_key))
+        elif not cfg.validation:
+            if named:
+                val.append(Input(sources_lib.open_source(e.dataset, "validation", cfg), 1.0, e.text_key))
+            else:
+                val.append(Input(source, 1.0, e.text_key, holdout, "heldout"))
+    if cfg.validation and not cfg.validation.startswith("split:"):
+        val = [Input(sources_lib.open_source(cfg.validation, "validation", cfg), 1.0, cfg.text_key)]
+    return train, val
+
+
+def texts(ins: list[Input], seed: int) -> Iterator[str]:
+    """Every kept document's text, in source order (a char tokenizer's vocabulary)."""
+    for x in ins:
+        for unit in range(len(x.source)):
+            for i, record in enumerate(x.source.read(unit)):
+                if x.kept(unit, i, seed) and "prompt" not in record and "messages" not in record:
+                    yield sources_lib.record_text(record, x.text_key, record.get("_where", x.source.name))
+                elif x.kept(unit, i, seed):
+                    yield from (str(v) for k, v in record.items() if k in ("prompt", "completion"))
+
+
+# -- documents ----------------------------------------------------------------------------------
+
+
+def documents(tok, records: list[dict], text_key: str, where: str) -> dict[str, np.ndarray]:
+    """The records' token sequences, flat: 'tokens' (all documents' ids), 'starts' (n + 1 offsets),
+    'loss_from' (a target j of a document counts when j + 1 >= loss_from: completions only),
+    'whole' (placed whole in a row), 'bytes' (UTF-8 bytes of its text)."""
+    texts_, ends, examples = [], [], []
+    for r in records:
+        if "prompt" in r and "completion" in r:
+            examples.append(len(texts_))
+            texts_.append(None)
+            ends.append(True)
+        else:
+            texts_.append(sources_lib.record_text(r, text_key, r.get("_where", where)))
+            ends.append(r.get("_end", True))
+    plain = [i for i, t in enumerate(texts_) if t is not None]
+    encoded = dict(zip(plain, tok.encode_batch([texts_[i] for i in plain]))) if plain else {}
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    seqs, loss_from, nbytes = [], [], []
+    for i, r in enumerate(records):
+        if i in encoded:
+            seqs.append(np.concatenate([bos, encoded[i], [tok.eos_id] if ends[i] else []]).astype(np.int32))
+            loss_from.append(1)
+            nbytes.append(len(texts_[i].encode("utf-8")))
+        else:
+            prompt = tok.prompt(str(r["prompt"]))
+            completion = tok.encode(str(r["completion"]))
+            seqs.append(np.concatenate([prompt, completion, [tok.eos_id]]).astype(np.int32))
+            loss_from.append(len(prompt))
+            nbytes.append(len(str(r["completion"]).encode("utf-8")))
+    whole = np.zeros(len(records), bool)
+    whole[examples] = True
+    starts = np.zeros(len(seqs) + 1, np.int64)
+    starts[1:] = np.cumsum([len(s) for s in seqs])
+    return {
+        "tokens": np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
+        "starts": starts,
+        "loss_from": np.asarray(loss_from, np.int32),
+        "whole": whole,
+        "bytes": np.asarray(nbytes, np.float64),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+    """Global slot g -> (input index, unit): per input, its units shuffled anew each epoch, mixed by weight."""
+
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+    seed: int
+
+    def table(self) -> grain.MapDataset:
+        per = [
+            grain.MapDataset.range(n).shuffle(seed=self.seed + 7919 * s).repeat().map(_Tag(s))
+            for s, n in enumerate(self.sizes)
+        ]
+        return per[0] if len(per) == 1 else grain.MapDataset.mix(per, weights=list(self.weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    index: int
+
+    def __call__(self, unit) -> tuple[int, int]:
+        return self.index, int(unit)
+
+
+@dataclasses.dataclass
+class _ReadSlot:
+    """Local slot ordinal i -> (i, the slot's documents). Runs in Grain's workers: picklable."""
+
+    ins: list[Input]
+    tok: object
+    slots: _Slots
+    streams: tuple[int, ...]  # this process's global stream ids
+    global_batch: int
+    seed: int
+    table: grain.MapDataset | None = None
+
+    def global_slot(self, i: int) -> int:
+        n = len(self.streams)
+        return (i // n) * self.global_batch + self.streams[i % n]
+
+    def __call__(self, i: int) -> tuple[int, dict[str, np.ndarray]]:
+        if self.table is None:
+            self.table = self.slots.table()
+        g = self.global_slot(int(i))
+        s, unit = self.table[g]
+        x = self.ins[s]
+        records = [r for j, r in enumerate(x.source.read(unit)) if x.kept(unit, j, self.seed)]
+        order = np.random.default_rng([self.seed, g]).permutation(len(records))
+        return int(i), documents(self.tok, [records[j] for j in order], x.text_key, x.source.name)
+
+
+# -- packing ------------------------------------------------------------------------------------
+
+
+class _Packer:
+    """Fills rows of seq_len positions from a sequence of slots' documents; position (k, d, j):
+    slot ordinal k of the stream, document d of the slot, pair j of the document."""
+
+    def __init__(self, seq_len: int, fetch: Callable[[int], dict[str, np.ndarray] | None], state=(0, 0, 0)):
+        self.seq_len, self.fetch = seq_len, fetch
+        self.k, self.d, self.j = state
+
+    @property
+    def state(self) -> list[int]:
+        return [self.k, self.d, self.j]
+
+    def row(self) -> tuple[dict[str, np.ndarray], float] | None:
+        """(the next row, UTF-8 bytes of the text it covers); None once fetch runs out."""
+        t = self.seq_len
+        row = {k: np.zeros(t, np.float32 if k == "weights" else np.int32) for k in KEYS}
+        used, segment, nbytes = 0, 0, 0.0
+        while used < t:
+            docs = self.fetch(self.k)
+            if docs is None:
+                break
+            if self.d >= len(docs["loss_from"]):
+                self.k, self.d, self.j = self.k + 1, 0, 0
+                continue
+            a, b = docs["starts"][self.d], docs["starts"][self.d + 1]
+            n = int(b - a) - 1  # (input, target) pairs of the document
+            if n <= 0:
+                self.d, self.j = self.d + 1, 0
+                continue
+            whole = bool(docs["whole"][self.d])
+            if whole and used > 0 and n > t - used:
+                break  # an example starts a new row
+            take = min(n - self.j, t - used)
+            span, src = slice(used, used + take), slice(a + self.j, a + self.j + take)
+            row["inputs"][span] = docs["tokens"][src]
+            row["targets"][span] = docs["tokens"][src.start + 1 : src.stop + 1]
+            row["weights"][span] = np.arange(self.j + 1, self.j + take + 1) >= docs["loss_from"][self.d]
+            segment += 1
+            row["segment_ids"][span], row["positions"][span] = segment, np.arange(take)
+            nbytes += float(docs["bytes"][self.d]) * take / n
+            used, self.j = used + take, self.j + take
+            if self.j >= n or whole:  # an example longer than a row is cut
+                self.d, self.j = self.d + 1, 0
+        return (row, nbytes) if used else None
+
+
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in KEYS}
+
+
+class Batches(grain.DatasetIterator):
+    """Endless per-process batches {KEYS: (B/P, seq_len)} of the training inputs (module docstring)."""
+
+    def __init__(self, ins, tok, seq_len, global_batch, seed, process_index=0, process_count=1, workers=0):
+        super().__init__()
+        if global_batch % process_count:
+            raise ValueError(f"train.batch_size={global_batch} must be a multiple of the process count {process_count}")
+        local = global_batch // process_count
+        self.streams = tuple(range(process_index * local, (process_index + 1) * local))
+        slots = _Slots(tuple(len(x.source) for x in ins), tuple(x.weight for x in ins), seed)
+        self.read = _ReadSlot(ins, tok, slots, self.streams, global_batch, seed)
+        self.seq_len, self.workers = seq_len, workers
+        self._start({r: [0, 0, 0] for r in self.streams})
+
+    def _start(self, positions: dict[int, list[int]]) -> None:
+        n = len(self.streams)
+        self.packers = []
+        for l, r in enumerate(self.streams):
+            self.packers.append(_Packer(self.seq_len, lambda k, l=l: self._fetch(l, k), tuple(positions[r])))
+        self.pending: list[dict[int, dict]] = [{} for _ in self.streams]
+        first = min(p.k * n + l for l, p in enumerate(self.packers))
+        self._close_source()
+        ds = grain.MapDataset.range(first, 2**62).map(self.read)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * n))
+        if self.workers:
+            _absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+        self.source = iter(ds)
+
+    def _fetch(self, l: int, k: int) -> dict[str, np.ndarray]:
+        n, pending = len(self.streams), self.pending[l]
+        for old in [key for key in pending if key < k]:
+            del pending[old]  # the stream has moved past it
+        while k not in pending:
+            i, docs = next(self.source)
+            sl, sk = i % n, i // n
+            if sk >= self.packers[sl].k:
+                self.pending[sl][sk] = docs
+        return pending[k]
+
+    def check(self, slots: int = 8) -> None:
+        """Read and tokenize the first slots here, so that bad records there fail before a run starts."""
+        for i in range(min(slots, len(self.streams))):
+            self.read(i)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return _stack([p.row()[0] for p in self.packers])
+
+    def get_state(self) -> dict:
+        return {"streams": {str(r): p.state for r, p in zip(self.streams, self.packers)}}
+
+    def set_state(self, state: dict) -> None:
+        saved = state["streams"]
+        missing = [r for r in self.streams if str(r) not in saved]
+        if missing:
+            raise ValueError(f"data iterator state lacks streams {missing[:3]} (saved with another global batch?)")
+        self._start({r: saved[str(r)] for r in self.streams})
+
+    def _close_source(self) -> None:
+        source = getattr(self, "source", None)
+        if source is not None and hasattr(source, "close"):
+            source.close()
+
+    def close(self) -> None:
+        self._close_source()
+        self.source = None
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags, which a program that is not an absl app never parses."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# -- validation -------------------------------------------------------------------------------
 
 
 def eval_batches(
-    source: grain.sources.RandomAccessDataSource,
-    global_batch: int,
-    num_batches: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> list[dict[str, np.ndarray]]:
-    """The fixed validation set: the first num_batches global batches of a seeded order."""
-    it = iter(train_dataset(source, global_batch, seed, process_index, process_count))
-    return [next(it) for _ in range(num_batches)]
+    ins: list[Input], tok, seq_len: int, global_batch: int, num_batches: int, seed: int, process_index=0, process_count=1
+) -> tuple[list[dict[str, np.ndarray]], float]:
+    """(the fixed validation set as num_batches per-process batches, UTF-8 bytes of the text it covers).
+
+    Validation documents, in source order, go round robin to the B streams (document j to stream
+    j mod B), each packed like training rows; a stream's rows beyond num_batches are left out and
+    missing rows are padding (weight 0). Every process reads the documents in order and tokenizes
+    only its streams'.
+    """
+    local = global_batch // process_count
+    first = process_index * local
+    want = num_batches * (seq_len + 1)  # tokens a stream needs, at least
+    docs = [collections.deque() for _ in range(local)]
+    have = np.zeros(local, np.int64)
+    j = 0
+    for x in ins:
+        for unit in range(len(x.source)):
+            if have.min() >= want:
+                break
+            mine = []
+            for i, record in enumerate(x.source.read(unit)):
+                if not x.kept(unit, i, seed):
+                    continue
+                if first <= j % global_batch < first + local:
+                    mine.append((j % global_batch - first, record))
+                j += 1
+            for l in range(local):
+                records = [r for s, r in mine if s == l]
+                if records and have[l] < want:
+                    d = documents(tok, records, x.text_key, x.source.name)
+                    docs[l].append(d)
+                    have[l] += len(d["tokens"])
+    rows, nbytes = [[] for _ in range(num_batches)], 0.0
+    for l in range(local):
+        parts = list(docs[l])
+        packer = _Packer(seq_len, lambda k: parts[k] if k < len(parts) else None)
+        for b in range(num_batches):
+            out = packer.row()
+            if out is None:
+                out = ({k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in KEYS}, 0.0)
+            rows[b].append(out[0])
+            nbytes += out[1]
+    return [_stack(r) for r in rows], nbytes

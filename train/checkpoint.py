@@ -214,9 +214,9 @@ class Checkpoints:
 def _restore_data(data_dir: Path, data_iter) -> None:
     """Rewind data_iter to the saved position, also when the process count changed.
 
-    Grain saves one file per process. The pipeline (data/pipeline.py) numbers global batches the
-    same for any process count, so the position it saves, {'next_index': global batches read},
-    is the same in every process's file and valid under any other process count.
+    Grain saves one file per process. The pipeline (data/pipeline.py) saves the position of each
+    of its streams (one per row of the global batch), so the files of all processes together hold
+    every stream's position, which any other process count can read back.
     """
     pid, n = jax.process_index(), jax.process_count()
     own = data_dir / f"process_{pid}-of-{n}.json"
@@ -226,13 +226,16 @@ def _restore_data(data_dir: Path, data_iter) -> None:
     saved = sorted(data_dir.glob("process_*-of-*.json"))
     if not saved:
         raise FileNotFoundError(f"{data_dir}: no data iterator state")
-    state = json.loads(saved[0].read_text())
-    if set(state) != {"next_index"}:
-        raise ValueError(
-            f"{data_dir}: saved with {saved[0].name.split('-of-')[1][:-5]} processes; an iterator state "
-            f"with keys {sorted(state)} cannot be moved to {n} processes"
-        )
-    data_iter.set_state(state)
+    streams = {}
+    for path in saved:
+        state = json.loads(path.read_text())
+        if set(state) != {"streams"}:
+            raise ValueError(
+                f"{data_dir}: saved with {path.name.split('-of-')[1][:-5]} processes; an iterator state "
+                f"with keys {sorted(state)} cannot be moved to {n} processes"
+            )
+        streams |= state["streams"]
+    data_iter.set_state({"streams": streams})
 
 
 def _warn(message: str) -> None:

@@ -8,8 +8,8 @@ take the base run's router biases (buffers) and must route like it (ROUTING_KEYS
 only builds the adapter's layout, the data and the initial state; the steps run in pretraining's
 loop (train/loop.py run_loop), so fine-tuning logs, evaluates, checkpoints and resumes like it.
 
-Data: data.dataset=text_files (plain text, windows as in pretraining) or jsonl (prompt/completion
-pairs, loss on completions only, packed: data/packing.py), or tiny_shakespeare.
+Data: any source pretraining reads (data/sources.py). Records with 'prompt' and 'completion' are
+examples (loss on the completion and its EOS only, placed whole in a row); others are text.
 """
 
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 from flax import nnx
 from orbax.checkpoint import PyTreeCheckpointer
 
-from podtrain.data import packing, pipeline, splits, tokenizer
+from podtrain.data import pipeline, tokenizer
 from podtrain.parallel import mesh as meshes
 from podtrain.parallel import rules
 from podtrain.parallel.config import MeshConfig
@@ -105,22 +105,21 @@ def check_architecture(cfg: Config, run_dir: Path, step: int) -> None:
         )
 
 
-def load_data(cfg: Config, tok, pid: int, nproc: int):
-    """(per-process train iterator, validation batches as host arrays): jsonl examples packed into
-    rows, text in windows as in pretraining."""
-    t, bs, seed = cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed
-    packed = cfg.data.dataset == "jsonl"
-    content = (splits.examples if packed else splits.texts)(cfg.data, ("train", "validation"))
-    try:
-        ids = {split: splits.encode(tok, split, c) for split, c in content.items()}
-    except ValueError as e:
-        raise ConfigError(f"{e}; the base run's tokenizer cannot encode them (clean the data)") from None
-    sources = {
-        split: packing.Rows(packing.pack(v, t)) if packed else pipeline.Windows(v, t) for split, v in ids.items()
-    }
-    train = pipeline.train_dataset(sources["train"], bs, seed, pid, nproc)
-    val = pipeline.eval_batches(sources["validation"], bs, cfg.data.eval_batches, seed, pid, nproc)
-    return iter(train), val
+def load_data(cfg: Config, tok, part: int, parts: int):
+    """loop.load_data with the base run's tokenizer, after checking that it can encode every
+    training and validation document (a char vocabulary may lack some of the new data's characters)."""
+    if tok.kind == "char":
+        train_in, val_in = pipeline.inputs(cfg.data)
+        for split, ins in (("train", train_in), ("validation", val_in)):
+            for i, text in enumerate(pipeline.texts(ins, cfg.train.seed)):
+                try:
+                    tok.encode(text)
+                except ValueError as e:
+                    raise ConfigError(
+                        f"data {split} document {i}: {e}; the base run's tokenizer cannot encode them (clean the data)"
+                    ) from None
+    _, batches, val, nbytes = loop.load_data(cfg, tok, part, parts)
+    return batches, val, nbytes
 
 
 def finetune(cfg: Config) -> dict:
@@ -133,7 +132,7 @@ def finetune(cfg: Config) -> dict:
     check_architecture(cfg, base_dir, base_step)
     batch_sharding = rules.batch_sharding(mesh)
     part, parts = rules.process_batch_slice(batch_sharding, cfg.train.batch_size)  # this process's rows
-    data_iter, val_host = load_data(cfg, tok, part, parts)
+    data_iter, val_host, val_bytes = load_data(cfg, tok, part, parts)
     run_dir = loop.prepare_run_dir(cfg, tok)
 
     adapter = adapters.build(cfg.finetune, cfg.model)
@@ -141,7 +140,7 @@ def finetune(cfg: Config) -> dict:
     lay = adapters.layout(adapter, cfg.model, tx, mesh)
     train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model, adapter.materialize)
     eval_step = steps.make_eval_step(lay, adapter.materialize)
-    val = [loop.global_batch(b, batch_sharding, cfg.train.batch_size) for b in val_host]
+    val = loop.Validation([loop.global_batch(b, batch_sharding, cfg.train.batch_size) for b in val_host], val_bytes)
 
     ckpts = checkpoint.Checkpoints(run_dir, cfg.checkpoint)
     state = ckpts.resume(lay.abstract, data_iter)

@@ -1,15 +1,17 @@
 """`pretrain(config)`: the whole pretraining run, callable from Python with a Config."""
 
+import dataclasses
 import math
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from podtrain.data import pipeline, splits, tokenizer
+from podtrain.data import pipeline, tokenizer
 from podtrain.parallel import devices, distributed, rules
 from podtrain.train import checkpoint, moe_stats, optim, validate
 from podtrain.train import config as configs
@@ -20,14 +22,19 @@ from podtrain.train.config import Config, ConfigError
 from podtrain.train.health import BadSteps
 from podtrain.train.preemption import PreemptionWatch
 
-SPLITS = ("train", "validation", "test")
-
-
-def load_data(cfg: Config):
-    """(tokenizer, {split: token ids}); raises DatasetUnavailable before anything is written."""
-    texts = splits.texts(cfg.data, SPLITS)
-    tok = tokenizer.build(cfg.data.tokenizer, "".join(texts.values()))
-    return tok, {split: splits.encode(tok, split, text) for split, text in texts.items()}
+def load_data(cfg: Config, tok=None, part: int = 0, parts: int = 1):
+    """(tokenizer, training Batches, validation batches on the host, UTF-8 bytes of the validation
+    text across all processes); DataError before anything is written. `tok`: a fine-tuning run
+    brings its base run's; pretraining builds one from data.tokenizer (a char vocabulary from the
+    training documents only)."""
+    data, t, bs, seed = cfg.data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed
+    train_in, val_in = pipeline.inputs(data)
+    if tok is None:
+        tok = tokenizer.from_config(data.tokenizer, lambda: pipeline.texts(train_in, seed))
+    val, nbytes = pipeline.eval_batches(val_in, tok, t, bs, data.eval_batches, seed, part, parts)
+    batches = pipeline.Batches(train_in, tok, t, bs, seed, part, parts, data.workers)
+    batches.check()
+    return tok, batches, val, float(np.sum(multihost_utils.process_allgather(np.float64(nbytes))))
 
 
 def resolve(cfg: Config, vocab_size: int) -> Config:
@@ -75,14 +82,32 @@ def global_batch(local: dict[str, np.ndarray], sharding, batch_size: int) -> dic
     }
 
 
-def evaluate(eval_step, params, batches, buffers=None) -> float:
+def evaluate(eval_step, params, batches, buffers=None) -> tuple[float, float]:
+    """(mean loss per token in nats, summed loss in nats) over the validation batches."""
     total_loss, total_weight = 0.0, 0.0
     for batch in batches:
         # one batch at a time: independent programs in flight together can deadlock XLA:CPU with
         # several devices in one process (each waits in a collective for devices with no thread left)
         loss_sum, weight = jax.device_get(eval_step(params, batch, buffers))
         total_loss, total_weight = total_loss + float(loss_sum), total_weight + float(weight)
-    return total_loss / total_weight
+    return total_loss / total_weight, total_loss
+
+
+def eval_row(loss: tuple[float, float], nbytes: float) -> dict:
+    """val_loss (nats per token) and val_bpb (bits per UTF-8 byte of the evaluated text): runs
+    with different tokenizers compare on the second."""
+    return {"val_loss": loss[0], "val_bpb": loss[1] / math.log(2) / nbytes if nbytes else math.nan}
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """The fixed validation batches (global arrays) and the UTF-8 bytes of the text they cover."""
+
+    batches: list
+    nbytes: float
+
+    def measure(self, eval_step, params, buffers=None) -> dict:
+        return eval_row(evaluate(eval_step, params, self.batches, buffers), self.nbytes)
 
 
 def start_run(cfg: Config) -> Mesh:
@@ -100,7 +125,10 @@ def pretrain(cfg: Config) -> dict:
     On SIGTERM: finishes the current step, saves it and returns with 'preempted': True.
     """
     mesh = start_run(cfg)
-    tok, tokens = load_data(cfg)
+    batch_sharding = rules.batch_sharding(mesh)
+    bs = cfg.train.batch_size
+    part, parts = rules.process_batch_slice(batch_sharding, bs)  # this process reads only its rows
+    tok, data_iter, val_host, val_bytes = load_data(cfg, None, part, parts)
     cfg = resolve(cfg, tok.vocab_size)
     run_dir = prepare_run_dir(cfg, tok)
 
@@ -108,16 +136,7 @@ def pretrain(cfg: Config) -> dict:
     lay = states.layout(cfg.model, tx, mesh)
     train_step = steps.make_train_step(lay, tx, cfg.train, cfg.model)
     eval_step = steps.make_eval_step(lay)
-    batch_sharding = rules.batch_sharding(mesh)
-    t, bs = cfg.data.seq_len, cfg.train.batch_size
-    part, parts = rules.process_batch_slice(batch_sharding, bs)  # this process reads only its rows
-    data_iter = iter(pipeline.train_dataset(pipeline.Windows(tokens["train"], t), bs, cfg.train.seed, part, parts))
-    val = [
-        global_batch(b, batch_sharding, bs)
-        for b in pipeline.eval_batches(
-            pipeline.Windows(tokens["validation"], t), bs, cfg.data.eval_batches, cfg.train.seed, part, parts
-        )
-    ]
+    val = Validation([global_batch(b, batch_sharding, bs) for b in val_host], val_bytes)
 
     ckpts = checkpoint.Checkpoints(run_dir, cfg.checkpoint)
     state = ckpts.resume(lay.abstract, data_iter)
@@ -135,7 +154,7 @@ def run_loop(
     train_step,
     eval_step,
     data_iter,
-    val: list,
+    val: Validation,
     ckpts: checkpoint.Checkpoints,
     *,
     eval_first: bool = False,
@@ -170,9 +189,10 @@ def run_loop(
     )
     val_loss = math.nan
     if eval_first and start == 0:
-        val_loss = evaluate(eval_step, state.params, val, state.buffers)
-        log.write(0, {"val_loss": val_loss})
-        progress.write(f"step 0: val_loss {val_loss:.4f} (before training)")
+        evaluated = val.measure(eval_step, state.params, state.buffers)
+        val_loss = evaluated["val_loss"]
+        log.write(0, evaluated)
+        progress.write(f"step 0: val_loss {val_loss:.4f}, val_bpb {evaluated['val_bpb']:.4f} (before training)")
     window_start, window_steps = None, 0
     preemption = PreemptionWatch().start()
     for step in range(start + 1, cfg.train.steps + 1):
@@ -203,10 +223,10 @@ def run_loop(
                 postfix["load_max/min"] = moe_stats.summary(row)
             progress.set_postfix(postfix, refresh=False)
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            val_loss = evaluate(eval_step, state.params, val, state.buffers)
-            row["val_loss"] = val_loss
+            row |= val.measure(eval_step, state.params, state.buffers)
+            val_loss = row["val_loss"]
             moe_line = f", expert load max/min {moe_stats.summary(row)} x mean" if "moe/load_max" in row else ""
-            progress.write(f"step {step}: val_loss {val_loss:.4f}{moe_line}")
+            progress.write(f"step {step}: val_loss {val_loss:.4f}, val_bpb {row['val_bpb']:.4f}{moe_line}")
         if row:
             log.write(step, row)
         preempted = preemption.reached(step) and step < cfg.train.steps  # the last step ends the run anyway
@@ -221,7 +241,9 @@ def run_loop(
     progress.close()
     ckpts.close()
     if math.isnan(val_loss):  # resumed at the last step: nothing ran, evaluate what was restored
-        val_loss = evaluate(eval_step, state.params, val, state.buffers)
+        val_loss = val.measure(eval_step, state.params, state.buffers)["val_loss"]
+    if hasattr(data_iter, "close"):
+        data_iter.close()
     if pid == 0:
         metrics_io.plot_loss(run_dir)
         moe_stats.plot_load(run_dir)
