@@ -76,12 +76,11 @@ class DataConfig:
     # split:NAME: that named split; else a glob of validation files.
     validation: str = ""
     holdout: float = 0.01  # fraction of a glob's documents held out for validation when data.validation is ""
-    # YAML gives a list and dacite keeps it one; __post_init__ stores a tuple so the config stays hashable.
-    mixture: tuple[MixtureEntry, ...] | list[MixtureEntry] = ()
+    # each entry's weight is its share of the training units (~256 KiB of text each: data/sources.py)
+    mixture: tuple[MixtureEntry, ...] = ()
     workers: int = 0  # tokenizing worker processes (0: in the training process)
 
     def __post_init__(self):
-        object.__setattr__(self, "mixture", tuple(self.mixture))
         check_dataset("data.dataset", self.dataset)
         for i, entry in enumerate(self.mixture):
             check_dataset(f"data.mixture[{i}].dataset", entry.dataset)
