@@ -3,13 +3,12 @@
 import dataclasses
 
 DATASETS = ("tiny_shakespeare", "text_files", "jsonl")  # the last two: a local folder, data.manual_dir
-TOKENIZERS = ("char", "byte")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset: str = "tiny_shakespeare"
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # char, byte, or a tokenizer file or folder (data/tokenizer.py), local or gs://
     seq_len: int = 64
     data_dir: str = "~/.cache/podtrain/tfds"  # where TFDS builds and reads ArrayRecord files
     manual_dir: str = ""  # folder holding the source file (input.txt) for offline preparation
@@ -18,8 +17,8 @@ class DataConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"data.dataset={self.dataset!r} is not one of {', '.join(DATASETS)}")
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"data.tokenizer={self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+        if not self.tokenizer:
+            raise ValueError("data.tokenizer is empty: pass char, byte, or a tokenizer.json / tokenizer.model path")
         if self.seq_len <= 0:
             raise ValueError(f"data.seq_len={self.seq_len} must be > 0")
         if self.eval_batches <= 0:

@@ -1,5 +1,5 @@
 """Data: the TFDS source matches TFDS's tiny_shakespeare, pipelines are deterministic, resumable and
-split across processes exactly, tokenizers round-trip."""
+split across processes exactly (tokenizers: tests/test_tokenizer.py)."""
 
 import itertools
 
@@ -22,7 +22,7 @@ def texts(tfds_dir, shakespeare_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def train_tokens(texts) -> np.ndarray:
-    return tokenizer.build("char", "".join(texts.values())).encode(texts["train"])
+    return tokenizer.CharTokenizer.from_texts(texts.values()).encode(texts["train"])
 
 
 def test_tiny_shakespeare_splits_match_tfds(texts, shakespeare_dir):
@@ -95,37 +95,3 @@ def test_eval_batches_are_fixed(train_tokens):
     a = pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0)
     assert_same_batches(pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0), a)
     assert len(a) == 3
-
-
-def test_char_tokenizer_round_trips_the_corpus(texts, tmp_path):
-    corpus = "".join(texts.values())
-    tok = tokenizer.build("char", corpus)
-    assert tok.vocab_size == 65  # tiny-shakespeare's character set
-    ids = tok.encode(corpus)
-    assert ids.min() == 0 and ids.max() == tok.vocab_size - 1
-    assert tok.decode(ids) == corpus
-    tokenizer.save(tok, tmp_path)
-    loaded = tokenizer.load(tmp_path)
-    assert loaded == tok
-    np.testing.assert_array_equal(loaded.encode(corpus[:5000]), ids[:5000])
-
-
-def test_char_tokenizer_non_ascii_and_unknown_characters(tmp_path):
-    text = 'naïve café — Ωμέγα 世界 🙂\n\t"quoted"\\'
-    tok = tokenizer.build("char", text)
-    assert tok.decode(tok.encode(text)) == text
-    tokenizer.save(tok, tmp_path)
-    assert tokenizer.load(tmp_path).decode(tok.encode(text)) == text
-    with pytest.raises(ValueError, match="not in the tokenizer"):
-        tok.encode("xyz")
-
-
-def test_byte_tokenizer_round_trips_non_ascii(tmp_path):
-    text = "To be, or not — naïve Ωμέγα 世界 🙂\x00\n"
-    tok = tokenizer.build("byte", "ignored")
-    ids = tok.encode(text)
-    assert tok.vocab_size == 256 and len(ids) == len(text.encode("utf-8")) and ids.max() < 256
-    assert tok.decode(ids) == text
-    tokenizer.save(tok, tmp_path)
-    loaded = tokenizer.load(tmp_path)
-    assert loaded == tok and loaded.decode(loaded.encode(text)) == text
