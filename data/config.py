@@ -8,7 +8,6 @@ touching any file; whether the files exist is found out when the source opens (d
 import dataclasses
 import re
 
-TOKENIZERS = ("char", "byte")
 
 # File formats by name ending, longest first (.jsonl.gz before .jsonl). TFDS writes ArrayRecord shards
 # as NAME.array_record-00000-of-00008, so that ending counts too.
@@ -66,7 +65,7 @@ class MixtureEntry:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset: str = "tiny_shakespeare"  # see the module docstring
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # char, byte, or a tokenizer file or folder (data/tokenizer.py), local or gs://
     seq_len: int = 64
     data_dir: str = "~/.cache/podtrain/tfds"  # where TFDS builds and reads ArrayRecord files
     manual_dir: str = ""  # folder holding the source file (input.txt) for offline preparation
@@ -89,8 +88,8 @@ class DataConfig:
             if not entry.text_key:
                 raise ValueError(f"data.mixture[{i}].text_key is empty: name the field holding the text")
         self._check_validation()
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"data.tokenizer={self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+        if not self.tokenizer:
+            raise ValueError("data.tokenizer is empty: pass char, byte, or a tokenizer.json / tokenizer.model path")
         if self.seq_len <= 0:
             raise ValueError(f"data.seq_len={self.seq_len} must be > 0")
         if self.eval_batches <= 0:
