@@ -8,7 +8,6 @@ touching any file; whether the files exist is found out when the source opens (d
 import dataclasses
 import re
 
-
 # File formats by name ending, longest first (.jsonl.gz before .jsonl). TFDS writes ArrayRecord shards
 # as NAME.array_record-00000-of-00008, so that ending counts too.
 FORMATS = (".jsonl.gz", ".jsonl", ".parquet", ".txt", ".array_record")

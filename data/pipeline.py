@@ -18,7 +18,14 @@ sees exactly the batches of an uninterrupted one, on any process count.
 """
 
 import collections
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grain
@@ -67,7 +74,9 @@ def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
             else:
                 val.append(Input(source, 1.0, e.text_key, holdout, "heldout"))
     if cfg.validation and not cfg.validation.startswith("split:"):
-        val = [Input(sources_lib.open_source(cfg.validation, "validation", cfg, key="data.validation"), 1.0, cfg.text_key)]
+        val = [
+            Input(sources_lib.open_source(cfg.validation, "validation", cfg, key="data.validation"), 1.0, cfg.text_key)
+        ]
     return train, val
 
 
@@ -226,6 +235,10 @@ class _Packer:
         return (row, nbytes) if used else None
 
 
+def _nth(parts: list, k: int):
+    return parts[k] if k < len(parts) else None
+
+
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in KEYS}
 
@@ -247,20 +260,22 @@ class Batches(grain.DatasetIterator):
     def _start(self, positions: dict[int, list[int]]) -> None:
         n = len(self.streams)
         self.packers = []
-        for l, r in enumerate(self.streams):
-            self.packers.append(_Packer(self.seq_len, lambda k, l=l: self._fetch(l, k), tuple(positions[r])))
+        for s, r in enumerate(self.streams):
+            self.packers.append(_Packer(self.seq_len, functools.partial(self._fetch, s), tuple(positions[r])))
         self.pending: list[dict[int, dict]] = [{} for _ in self.streams]
-        first = min(p.k * n + l for l, p in enumerate(self.packers))
+        first = min(p.k * n + s for s, p in enumerate(self.packers))
         self._close_source()
         ds = grain.MapDataset.range(first, 2**62).map(self.read)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * n))
         if self.workers:
             _absl_flags_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+            options = grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2)
+            ds = ds.mp_prefetch(options, worker_init_fn=_die_with_parent)
         self.source = iter(ds)
 
-    def _fetch(self, l: int, k: int) -> dict[str, np.ndarray]:
-        n, pending = len(self.streams), self.pending[l]
+    def _fetch(self, stream: int, k: int) -> dict[str, np.ndarray]:
+        """Slot ordinal k of local stream `stream`, pulling the shared in-order reader up to it."""
+        n, pending = len(self.streams), self.pending[stream]
         for old in [key for key in pending if key < k]:
             del pending[old]  # the stream has moved past it
         while k not in pending:
@@ -298,6 +313,26 @@ class Batches(grain.DatasetIterator):
         self.source = None
 
 
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+    """In a Grain worker: exit when the training process dies, also by SIGKILL (which runs no cleanup)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: Linux
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(0)
+        return
+    except (OSError, AttributeError, TypeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _absl_flags_parsed() -> None:
     """Grain's worker processes read absl flags, which a program that is not an absl app never parses."""
     from absl import flags
@@ -310,7 +345,14 @@ def _absl_flags_parsed() -> None:
 
 
 def eval_batches(
-    ins: list[Input], tok, seq_len: int, global_batch: int, num_batches: int, seed: int, process_index=0, process_count=1
+    ins: list[Input],
+    tok,
+    seq_len: int,
+    global_batch: int,
+    num_batches: int,
+    seed: int,
+    process_index=0,
+    process_count=1,
 ) -> tuple[list[dict[str, np.ndarray]], float]:
     """(the fixed validation set as num_batches per-process batches, UTF-8 bytes of the text it covers).
 
@@ -336,16 +378,15 @@ def eval_batches(
                 if first <= j % global_batch < first + local:
                     mine.append((j % global_batch - first, record))
                 j += 1
-            for l in range(local):
-                records = [r for s, r in mine if s == l]
-                if records and have[l] < want:
+            for s in range(local):
+                records = [r for stream, r in mine if stream == s]
+                if records and have[s] < want:
                     d = documents(tok, records, x.text_key, x.source.name)
-                    docs[l].append(d)
-                    have[l] += len(d["tokens"])
+                    docs[s].append(d)
+                    have[s] += len(d["tokens"])
     rows, nbytes = [[] for _ in range(num_batches)], 0.0
-    for l in range(local):
-        parts = list(docs[l])
-        packer = _Packer(seq_len, lambda k: parts[k] if k < len(parts) else None)
+    for s in range(local):
+        packer = _Packer(seq_len, functools.partial(_nth, list(docs[s])))
         for b in range(num_batches):
             out = packer.row()
             if out is None:

@@ -23,6 +23,7 @@ from podtrain.train.config import Config, ConfigError
 from podtrain.train.health import BadSteps
 from podtrain.train.preemption import PreemptionWatch
 
+
 def load_data(cfg: Config, tok=None, part: int = 0, parts: int = 1):
     """(tokenizer, training Batches, validation batches on the host, UTF-8 bytes of the validation
     text across all processes); DataError before anything is written. `tok`: a fine-tuning run
