@@ -51,21 +51,23 @@ class Input:
 def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
     """(training inputs, validation inputs) of the data config; DataError before anything is written."""
     entries = cfg.mixture or (MixtureEntry(cfg.dataset, 1.0, cfg.text_key),)
+    keys = [f"data.mixture[{i}].dataset" for i in range(len(cfg.mixture))] or ["data.dataset"]
     train, val = [], []
-    for e in entries:
+    for e, key in zip(entries, keys):
         named = e.dataset.startswith(NAMED_SPLITS)
-        source = sources_lib.open_source(e.dataset, "train", cfg)
+        source = sources_lib.open_source(e.dataset, "train", cfg, key=key)
         holdout = 0.0 if named or cfg.validation else cfg.holdout
         train.append(Input(source, e.weight, e.text_key, holdout, "rest" if holdout else "all"))
         if cfg.validation.startswith("split:"):
-            val.append(Input(sources_lib.open_source(e.dataset, cfg.validation[len("split:") :], cfg), 1.0, e.text_key))
+            split = cfg.validation[len("split:") :]
+            val.append(Input(sources_lib.open_source(e.dataset, split, cfg, key=key), 1.0, e.text_key))
         elif not cfg.validation:
             if named:
-                val.append(Input(sources_lib.open_source(e.dataset, "validation", cfg), 1.0, e.text_key))
+                val.append(Input(sources_lib.open_source(e.dataset, "validation", cfg, key=key), 1.0, e.text_key))
             else:
                 val.append(Input(source, 1.0, e.text_key, holdout, "heldout"))
     if cfg.validation and not cfg.validation.startswith("split:"):
-        val = [Input(sources_lib.open_source(cfg.validation, "validation", cfg), 1.0, cfg.text_key)]
+        val = [Input(sources_lib.open_source(cfg.validation, "validation", cfg, key="data.validation"), 1.0, cfg.text_key)]
     return train, val
 
 

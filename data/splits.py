@@ -11,15 +11,15 @@ import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 
-from podtrain.data import packing, text_files, tiny_shakespeare
+from podtrain.data import packing, sources, text_files
 from podtrain.data.config import DataConfig
 from podtrain.data.tokenizer import Tokenizer
-
-BUILDERS = {"tiny_shakespeare": tiny_shakespeare.TinyShakespeare}
 
 
 def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     """Build the dataset as ArrayRecord once (offline from data.manual_dir if given)."""
+    if cfg.dataset == "tiny_shakespeare":
+        return sources._tiny_shakespeare(cfg)
     data_dir = Path(cfg.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     # Several processes on one machine (launch local) share data_dir: one builds, the rest wait.
@@ -28,27 +28,20 @@ def prepare(cfg: DataConfig) -> tfds.core.DatasetBuilder:
 
 
 def _prepare_locked(cfg: DataConfig, data_dir: Path) -> tfds.core.DatasetBuilder:
-    if cfg.dataset in text_files.BUILDERS:  # local folders: the builder config depends on the files
-        folder = Path(cfg.manual_dir).expanduser().resolve()
-        builder = text_files.BUILDERS[cfg.dataset](folder=folder, data_dir=str(data_dir), file_format="array_record")
-        if not (builder.data_path.exists() and builder.is_prepared()):
-            tfds.disable_progress_bar()
-            builder.download_and_prepare()
-        return builder
-    builder = BUILDERS[cfg.dataset](data_dir=str(data_dir), file_format="array_record")
-    if not (builder.data_path.exists() and builder.is_prepared()):  # is_prepared warns on a fresh dir
+    # local folders: the builder config depends on the files
+    folder = Path(cfg.manual_dir).expanduser().resolve()
+    builder = text_files.BUILDERS[cfg.dataset](folder=folder, data_dir=str(data_dir), file_format="array_record")
+    if not (builder.data_path.exists() and builder.is_prepared()):
         tfds.disable_progress_bar()
-        manual_dir = str(Path(cfg.manual_dir).expanduser().resolve()) if cfg.manual_dir else None
-        source_dir = builder.fetch_source(manual_dir, data_dir / "downloads" / builder.name)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)))
+        builder.download_and_prepare()
     return builder
 
 
 def split_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
     if split not in builder.info.splits:  # local text folders may have no test.txt
         return ""
-    source = builder.as_data_source(split=split)
-    return "".join(source[i]["text"].decode("utf-8") for i in range(len(source)))
+    source = builder.as_data_source(split=split)  # tiny_shakespeare: one record per speech
+    return "\n\n".join(source[i]["text"].decode("utf-8") for i in range(len(source)))
 
 
 def split_examples(builder: tfds.core.DatasetBuilder, split: str) -> list[dict[str, str]]:

@@ -1,8 +1,10 @@
 """TFDS builder for tiny_shakespeare, written as ArrayRecord and preparable offline.
 
-Same source file, features and 90/5/5 train/validation/test split as TFDS's own
+Same source file, feature and 90/5/5 train/validation/test split (by characters) as TFDS's own
 `tiny_shakespeare`, without TensorFlow: the source comes from `manual_dir/input.txt` when that
-file is there, else it is downloaded once (`fetch_source`).
+file is there, else it is downloaded once (`fetch_source`). Each split is cut at blank lines into
+speeches, one record each, in order: the documents a pipeline packs and ends with EOS, so
+"\n\n".join of a split's records is the split's text.
 """
 
 import hashlib
@@ -20,7 +22,8 @@ SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     name = "tiny_shakespeare"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "One record per speech (the text between blank lines).", "1.0.0": "One record per split."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place {FILENAME} from {URL} in the manual folder (data.manual_dir)."
 
     @staticmethod
@@ -57,7 +60,10 @@ class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}), homepage=URL
+            builder=self,
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            homepage=URL,
+            disable_shuffling=True,  # records in key order: speeches in the order of the play
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -71,8 +77,9 @@ class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "test": self._generate_examples("test", rest[j:]),
         }
 
-    def _generate_examples(self, key: str, text: str):
-        yield key, {"text": text}
+    def _generate_examples(self, split: str, text: str):
+        for i, speech in enumerate(text.split("\n\n")):
+            yield f"{split}-{i:06d}", {"text": speech}
 
 
 def _verify(path: Path, key: str) -> None:

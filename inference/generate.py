@@ -5,7 +5,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from podtrain.data import tokenizer
@@ -54,9 +53,11 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    stop_id: int | None = None,
 ) -> list[int]:
-    """Continue `prompt_ids` (batch 1). Positions stay below `window` (the trained context):
-    when it fills, the cache is rebuilt from the last window // 2 tokens."""
+    """Continue `prompt_ids` (batch 1) by up to `max_new_tokens`, ending after `stop_id` (EOS) when
+    it comes. Positions stay below `window` (the trained context): when it fills, the cache is
+    rebuilt from the last window // 2 tokens."""
     ids = [int(i) for i in prompt_ids][-window:] or [0]
     key = jax.random.key(seed)
     out = []
@@ -72,7 +73,7 @@ def generate(
     for i in range(max_new_tokens):
         out.append(int(token[0]))
         ids.append(out[-1])
-        if i == max_new_tokens - 1:
+        if i == max_new_tokens - 1 or out[-1] == stop_id:
             break
         if pos >= window:
             logits, cache, pos = refill()
@@ -89,7 +90,10 @@ def load_run(run_dir: str | Path, step: int | None = None):
     merged) and its buffers (the MoE router bias), if it has any."""
     run = weights.load(run_dir, step, flag="--run")
     if run.tok is None:
-        raise configs.ConfigError(f"--run {run_dir}: no {tokenizer.FILENAME}; sampling needs the run's tokenizer")
+        raise configs.ConfigError(
+            f"--run {run_dir}: no {tokenizer.RUN_FOLDER}/ folder; sampling needs the run's tokenizer (import the "
+            f"model with its tokenizer.json or tokenizer.model)"
+        )
     return run.cfg, run.tok, run.graphdef, run.variables
 
 
@@ -101,10 +105,26 @@ def sample_run(run_dir, prompt: str, max_new_tokens: int, temperature=1.0, top_k
     if not 0 <= top_k <= cfg.model.vocab_size:
         raise configs.ConfigError(f"--top-k={top_k} must be in [0, {cfg.model.vocab_size}] (0: no top-k filtering)")
     try:
-        prompt_ids = tok.encode(prompt)
+        prompt_ids = tok.prompt(prompt)
     except ValueError as e:
         raise configs.ConfigError(f"--prompt: {e}") from None
     new = generate(
-        graphdef, params, cfg.model, np.asarray(prompt_ids), max_new_tokens, cfg.data.seq_len, temperature, top_k, seed
+        graphdef,
+        params,
+        cfg.model,
+        prompt_ids,
+        max_new_tokens,
+        cfg.data.seq_len,
+        temperature,
+        top_k,
+        seed,
+        stop_id=tok.eos_id,
     )
-    return prompt + tok.decode(new)
+    return prompt + continuation(tok, prompt_ids, new)
+
+
+def continuation(tok, prompt_ids, new: list[int]) -> str:
+    """The text `new` adds after the prompt. Decoded together with the prompt where that extends the
+    prompt's own decoding: alone, a SentencePiece word piece would lose its leading space."""
+    before, full = tok.decode(prompt_ids), tok.decode([*prompt_ids, *new])
+    return full[len(before) :] if full.startswith(before) else tok.decode(new)

@@ -22,7 +22,7 @@ from podtrain.train.config import Config, ConfigError
 @dataclasses.dataclass(frozen=True)
 class RunWeights:
     cfg: Config
-    tok: tokenizer.Tokenizer | None  # None: the run has no tokenizer.json (an imported model without one)
+    tok: tokenizer.Tokenizer | None  # None: the run has no tokenizer/ folder (an imported model without one)
     graphdef: nnx.GraphDef
     params: dict  # the model's parameter tree, arrays on the first local device
     buffers: dict  # the model's other variables (the MoE router bias); {} for dense models
@@ -64,7 +64,7 @@ def load(run_dir: str | Path, step: int | None = None, flag: str = "run") -> Run
     except FileNotFoundError as e:
         raise ConfigError(f"{flag} {run_dir}: {e}") from None
     params = restored["params"] if full else jax.device_put(_check_tree(merged, abstract_params), device)
-    tok = tokenizer.load(run_dir) if (run_dir / tokenizer.FILENAME).exists() else None
+    tok = tokenizer.load_run(run_dir)
     return RunWeights(cfg, tok, graphdef, params, restored.get("buffers", {}), step)
 
 

@@ -3,7 +3,7 @@
 `export(run_dir, out, ...)` streams: the stacked layer arrays are sliced one layer at a time and
 fetched to the host with `jax.device_get`, and safetensors shards are written as they fill, so the
 host holds at most one shard plus one layer. `import_hf(hf_dir, run_dir)` reads safetensors only
-(never pickle) and writes a run dir (config.yaml, tokenizer.json where expressible, an Orbax
+(never pickle) and writes a run dir (config.yaml, the model's tokenizer files in tokenizer/, an Orbax
 checkpoint at step 0) that `sample`, `export` and fine-tuning accept.
 """
 
@@ -167,11 +167,22 @@ def _write_hf(cfg: Config, tok, params, tmp: Path, max_bytes: int) -> None:
             x = hf.get_path(layer, t.inner)[t.index[1:]]
         writer.add({t.hf: hf.to_hf_tensor(x, t.kind)})
     writer.close()
+    generation = hf.generation_config(cfg, tok)
+    config_json.update({k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    (tmp / "generation_config.json").write_text(json.dumps(hf.generation_config(cfg), indent=2) + "\n")
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tok is not None:
-        hf.hf_tokenizer(tok).save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(hf.tokenizer_config(cfg), indent=2) + "\n")
+        _write_hf_tokenizer(cfg, tok, tmp)
+
+
+def _write_hf_tokenizer(cfg: Config, tok: tokenizer.Tokenizer, tmp: Path) -> None:
+    """HF and SentencePiece tokenizers: their own files as they are; char and byte: an equivalent
+    tokenizer.json. Either way `transformers.AutoTokenizer` on the export gives our ids."""
+    if tok.kind in ("hf", "sentencepiece"):
+        tok.save(tmp)
+        return
+    hf.hf_tokenizer(tok).save(str(tmp / tokenizer.HF_FILE))
+    (tmp / tokenizer.HF_CONFIG).write_text(json.dumps(hf.tokenizer_config(cfg), indent=2) + "\n")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -194,7 +205,7 @@ def _write_safetensors(cfg: Config, tok, params, tmp: Path, max_bytes: int) -> N
     writer.close()
     (tmp / "config.yaml").write_text(configs.dump(cfg))
     if tok is not None:
-        tokenizer.save(tok, tmp)
+        tokenizer.save_run(tok, tmp)
 
 
 def export(
@@ -271,7 +282,7 @@ def _read_params(cfg: Config, reader: TensorReader) -> tuple[dict, dict]:
 
 def write_run(cfg: Config, tok, params: dict, buffers: dict, run_dir: Path, step: int = 0) -> Path:
     """A run dir holding `params` (and `buffers`) as a sealed checkpoint at `step`, with config.yaml
-    and tokenizer.json when `tok` is given: what `sample`, `finetune` and `export` read."""
+    and the tokenizer/ folder when `tok` is given: what `sample`, `finetune` and `export` read."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(configs.dump(cfg))
     state = {"params": params, "step": np.asarray(step, np.int32)}
@@ -279,8 +290,8 @@ def write_run(cfg: Config, tok, params: dict, buffers: dict, run_dir: Path, step
         state["buffers"] = buffers
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(configs.to_dict(cfg))}
     if tok is not None:
-        tokenizer.save(tok, run_dir)
-        items["tokenizer"] = ocp.args.JsonSave(tok.to_json())
+        tokenizer.save_run(tok, run_dir)
+        items["tokenizer"] = ocp.args.JsonSave(tok.spec())
     root = run_dir.resolve() / checkpoint.DIRNAME
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
     with ocp.CheckpointManager(root, options=options) as mngr:
@@ -298,10 +309,11 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] = ()
         raise ConfigError(f"--out {run_dir} exists and is not empty: pass a new run directory")
     sections = hf.from_hf_config(hf.read_json(hf_dir / "config.json"))
     tok = None
-    if (hf_dir / "tokenizer.json").exists():
-        tok = hf.from_hf_tokenizer(hf.read_json(hf_dir / "tokenizer.json"))
+    if any((hf_dir / name).exists() for name in (tokenizer.HF_FILE, tokenizer.SP_FILE)):
+        tok = tokenizer.load(hf_dir, f"--hf {hf_dir}", "fix or remove the tokenizer files")
     if tok is not None:
-        sections["data"]["tokenizer"] = tok.kind
+        # the run's own copy: what a config that pretrains or fine-tunes from this one should name
+        sections["data"]["tokenizer"] = str(run_dir.resolve() / tokenizer.RUN_FOLDER)
         if tok.vocab_size > sections["model"]["vocab_size"]:
             raise ConfigError(
                 f"--hf: the tokenizer has {tok.vocab_size} tokens, more than config.json vocab_size="

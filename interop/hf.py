@@ -314,8 +314,10 @@ def to_hf_config(cfg: Config) -> dict:
     return out
 
 
-def generation_config(cfg: Config) -> dict:
-    return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "do_sample": False}
+def generation_config(cfg: Config, tok: tokenizer.Tokenizer | None = None) -> dict:
+    """generation_config.json: greedy, stopping at the tokenizer's EOS (as `podtrain sample` does)."""
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id} if tok else {}
+    return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **ids, "do_sample": False}
 
 
 def _require(hf: dict, key: str, ok, fix: str) -> None:
@@ -400,14 +402,17 @@ def from_hf_config(hf: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer: a character vocabulary is a BPE model with no merges (every character one token) and
-# a Fuse decoder; bytes are GPT-2's byte-level BPE with no merges, byte b being id b.
+# Tokenizer: HF and SentencePiece runs carry their own files. A char or byte run exports as an
+# equivalent tokenizer.json: characters are a BPE model with no merges (every character one token)
+# and a Fuse decoder; bytes are GPT-2's byte-level BPE with no merges, byte b being id b; EOS is
+# the special token after them, at our eos_id.
 # ---------------------------------------------------------------------------------------------
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "PreTrainedTokenizerFast",
     "clean_up_tokenization_spaces": False,
     "model_max_length": None,
+    "eos_token": tokenizer.EOS_TOKEN,
 }
 
 
@@ -417,41 +422,27 @@ def _byte_chars() -> dict[int, str]:
     return bytes_to_unicode()
 
 
-def hf_tokenizer(tok: tokenizer.Tokenizer):
-    """A `tokenizers.Tokenizer` giving the same ids as ours."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def hf_tokenizer(tok: tokenizer.CharTokenizer | tokenizer.ByteTokenizer):
+    """A `tokenizers.Tokenizer` giving the same ids as our char or byte tokenizer, EOS included."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if isinstance(tok, tokenizer.CharTokenizer):
         hf = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tok.chars)}, merges=[]))
         hf.decoder = decoders.Fuse()
-        return hf
-    chars = _byte_chars()
-    hf = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.decoder = decoders.ByteLevel()
+    else:
+        chars = _byte_chars()
+        hf = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(tokenizer.EOS_TOKEN, special=True, normalized=False)])
+    if hf.token_to_id(tokenizer.EOS_TOKEN) != tok.eos_id:  # a vocabulary holding the EOS name as a character
+        raise RuntimeError(f"exported EOS id {hf.token_to_id(tokenizer.EOS_TOKEN)} != ours {tok.eos_id}")
     return hf
 
 
 def tokenizer_config(cfg: Config) -> dict:
+    """tokenizer_config.json for `hf_tokenizer`'s tokenizer.json."""
     return {**TOKENIZER_CONFIG, "model_max_length": cfg.data.seq_len}
-
-
-def from_hf_tokenizer(spec: dict) -> tokenizer.Tokenizer | None:
-    """Our tokenizer for a tokenizer.json that is one of the two shapes above; None otherwise."""
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("merges") or spec.get("normalizer") or spec.get("added_tokens"):
-        return None
-    vocab = model.get("vocab") or {}
-    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
-    if [i for _, i in by_id] != list(range(len(by_id))):
-        return None
-    pre, dec = spec.get("pre_tokenizer"), (spec.get("decoder") or {}).get("type")
-    if pre is None and dec == "Fuse" and all(len(c) == 1 for c, _ in by_id):
-        return tokenizer.CharTokenizer("".join(c for c, _ in by_id))
-    chars = _byte_chars()
-    if (pre or {}).get("type") == "ByteLevel" and dec == "ByteLevel" and vocab == {chars[b]: b for b in range(256)}:
-        return tokenizer.ByteTokenizer()
-    return None
 
 
 def read_json(path) -> dict:

@@ -125,6 +125,52 @@ def _import(args) -> None:
     print(f"imported {args.hf} as run dir {out}")
 
 
+def _tokenizer_train(args) -> None:
+    from podtrain.data import tokenizer_train
+    from podtrain.train import config
+
+    cfg = config.load(args.config, args.overrides)
+    try:
+        tokenizer_train.check_args(args.vocab_size, args.kind)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_new_folder(args.out)
+    progress = sys.stdout.isatty()  # the trainers draw on stdout; off a terminal they print only blank lines
+    tok = tokenizer_train.train_to(cfg.data, args.vocab_size, args.out, args.kind, progress)
+    print(f"wrote {args.out}: {tok.kind} {args.kind} tokenizer, {tok.vocab_size} ids, EOS id {tok.eos_id}")
+
+
+def _check_new_folder(out: str) -> None:
+    from etils import epath
+
+    path = epath.Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not empty: pass a new directory (nothing is overwritten)")
+
+
+def _tokenizer_encode(args) -> None:
+    import json
+
+    from podtrain.data import tokenizer
+
+    if (args.text is None) == (args.file is None):
+        raise ConfigError("tokenizer encode: pass exactly one of --text TEXT or --file FILE")
+    text = args.text
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--file {args.file}: not readable UTF-8 text ({e})") from None
+    fix = "pass a folder or file holding tokenizer.json, tokenizer.model or podtrain.json"
+    tok = tokenizer.load(args.tokenizer, f"--tokenizer {args.tokenizer}", fix)
+    try:
+        ids = tok.encode(text)
+    except ValueError as e:  # a char tokenizer meeting characters it does not know
+        raise ConfigError(f"--text/--file: {e}") from None
+    print(json.dumps(ids.tolist()))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="podtrain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -181,6 +227,21 @@ def parser() -> argparse.ArgumentParser:
     loc.add_argument("--devices-per-process", type=int, default=4)
     loc.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then a podtrain command, e.g. -- pretrain ...")
     loc.set_defaults(func=_launch_local)
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer on the configured corpus, or show a text's ids")
+    verb = tok.add_subparsers(dest="verb", required=True)
+    trn = verb.add_parser("train", help="train a tokenizer.json (tokenizers' trainers) on data.dataset's train split")
+    trn.add_argument("--config", required=True, help="YAML config whose data section names the corpus")
+    trn.add_argument("--vocab-size", type=int, required=True, help="ids in all, EOS (<|endoftext|>) included")
+    trn.add_argument("--kind", default="bpe", help="bpe (byte-level BPE, as Llama 3) or unigram")
+    trn.add_argument("--out", required=True, help="new directory for tokenizer.json and tokenizer_config.json")
+    trn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.dataset=text_files")
+    trn.set_defaults(func=_tokenizer_train)
+    enc = verb.add_parser("encode", help="print a text's ids (no special tokens) as one JSON list")
+    enc.add_argument("--tokenizer", required=True, help="tokenizer file or folder (a run's tokenizer/ folder too)")
+    enc.add_argument("--text", help="the text")
+    enc.add_argument("--file", help="a UTF-8 text file")
+    enc.set_defaults(func=_tokenizer_encode)
 
     exp = sub.add_parser("export", help="write a run's weights for transformers (hf) or as safetensors")
     exp.add_argument("run", help="run directory, optionally RUN_DIR:STEP (default: latest checkpoint)")

@@ -17,6 +17,20 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def resolved_vocab(tokenizer_vocab: int, cfg_vocab: int, multiple: int) -> int:
+    """The model's embedding rows: `cfg_vocab`, or for 0 the tokenizer's vocabulary rounded up to a
+    multiple of `multiple`. Rows past the tokenizer's ids are never fed and never targets (Hugging
+    Face models ship the same way). ValueError when `cfg_vocab` cannot hold every tokenizer id."""
+    if cfg_vocab == 0:
+        return -(-tokenizer_vocab // multiple) * multiple
+    check(
+        cfg_vocab >= tokenizer_vocab,
+        f"model.vocab_size={cfg_vocab} is smaller than the tokenizer's {tokenizer_vocab} ids; set it to 0 to take "
+        f"the tokenizer's (rounded up to model.vocab_multiple={multiple})",
+    )
+    return cfg_vocab
+
+
 ROUTERS = ("softmax_topk", "sigmoid_bias")
 DISPATCHES = ("dropless", "capacity")
 DROPLESS_IMPLS = ("auto", "ragged", "blocked")
@@ -92,7 +106,8 @@ class MoEConfig:
 class ModelConfig:
     """Decoder-only transformer (pre-norm RMSNorm, RoPE, GQA, SwiGLU)."""
 
-    vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
+    vocab_size: int = 0  # embedding rows; 0: the tokenizer's ids rounded up to vocab_multiple when the run starts
+    vocab_multiple: int = 128  # so that the vocabulary axis shards evenly
     num_layers: int = 4
     d_model: int = 128
     num_heads: int = 4
@@ -113,6 +128,7 @@ class ModelConfig:
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
             check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
         check(self.vocab_size >= 0, f"model.vocab_size={self.vocab_size} must be >= 0 (0: from the tokenizer)")
+        check(self.vocab_multiple > 0, f"model.vocab_multiple={self.vocab_multiple} must be > 0")
         check(self.head_dim >= 0, f"model.head_dim={self.head_dim} must be >= 0 (0: d_model // num_heads)")
         if self.head_dim == 0:
             check(

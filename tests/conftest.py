@@ -35,11 +35,11 @@ def shakespeare_dir() -> Path:
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory, shakespeare_dir) -> Path:
     """tiny_shakespeare built once per test process as ArrayRecord, offline."""
-    from podtrain.data import splits
+    from podtrain.data import sources
     from podtrain.data.config import DataConfig
 
     path = tmp_path_factory.mktemp("tfds")
-    splits.prepare(DataConfig(data_dir=str(path), manual_dir=str(shakespeare_dir)))
+    sources.prepare("tiny_shakespeare", DataConfig(data_dir=str(path), manual_dir=str(shakespeare_dir)))
     return path
 
 

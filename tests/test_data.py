@@ -1,41 +1,54 @@
-"""Data: the TFDS source matches TFDS's tiny_shakespeare, pipelines are deterministic, resumable and
-split across processes exactly, tokenizers round-trip."""
+"""The streaming pipeline: packed rows are exact pieces of documents, batches are deterministic,
+resumable and split across processes exactly, examples stay whole, validation is fixed and counts
+its bytes. Sources here are small in-memory lists of units (the file formats have their own tests,
+test_sources.py); the tokenizer is the real char tokenizer."""
 
+import dataclasses
 import itertools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from podtrain.data import pipeline, splits, tokenizer
+from podtrain.data import pipeline, tokenizer
 from podtrain.data.config import DataConfig
 
-SPLIT_SIZES = {"train": 1003854, "validation": 55770, "test": 55770}  # TFDS tiny_shakespeare, in characters
+ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+TOK = tokenizer.CharTokenizer(ALPHABET)
+T, B = 16, 4
 
 
-@pytest.fixture(scope="module")
-def texts(tfds_dir, shakespeare_dir) -> dict[str, str]:
-    builder = splits.prepare(DataConfig(data_dir=str(tfds_dir), manual_dir=str(shakespeare_dir)))
-    assert builder.name == "tiny_shakespeare" and builder.is_prepared()
-    assert builder.info.file_format.value == "array_record"
-    return {split: splits.split_text(builder, split) for split in SPLIT_SIZES}
+@dataclasses.dataclass
+class Units:
+    """A Source over in-memory units of records."""
+
+    units: list[list[dict]]
+    name: str = "memory"
+    fingerprint: str = "memory"
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def read(self, unit: int) -> list[dict]:
+        return [dict(r) for r in self.units[unit]]
 
 
-@pytest.fixture(scope="module")
-def train_tokens(texts) -> np.ndarray:
-    return tokenizer.build("char", "".join(texts.values())).encode(texts["train"])
+def corpus(seed: int = 0, units: int = 7, fields=("text",)) -> Units:
+    rng = np.random.default_rng(seed)
+
+    def text(n):
+        return "".join(ALPHABET[i] for i in rng.integers(0, 26, n))
+
+    return Units([[{f: text(int(rng.integers(1, 40))) for f in fields} for _ in range(int(rng.integers(1, 12)))]
+                  for _ in range(units)])  # fmt: skip
 
 
-def test_tiny_shakespeare_splits_match_tfds(texts, shakespeare_dir):
-    assert {split: len(text) for split, text in texts.items()} == SPLIT_SIZES
-    source = (shakespeare_dir / "input.txt").read_text(encoding="utf-8")
-    assert texts["train"] + texts["validation"] + texts["test"] == source
+def take(it, n: int) -> list[dict[str, np.ndarray]]:
+    return list(itertools.islice(it, n))
 
 
-def take(dataset, n: int) -> list[dict[str, np.ndarray]]:
-    return list(itertools.islice(iter(dataset), n))
-
-
-def assert_same_batches(a, b) -> None:
+def assert_same(a, b) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
@@ -43,89 +56,159 @@ def assert_same_batches(a, b) -> None:
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_same_seed_same_batches_different_seed_different(train_tokens):
-    first = take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=3), 4)
-    assert_same_batches(take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=3), 4), first)
-    other = take(pipeline.train_dataset(pipeline.Windows(train_tokens, 32), 8, seed=4), 4)
+def batches(source, seed=1, **kw) -> pipeline.Batches:
+    return pipeline.Batches([pipeline.Input(source)], TOK, T, B, seed, **kw)
+
+
+def test_rows_are_pieces_of_documents_with_their_own_segments():
+    source = corpus()
+    docs = {TOK.decode(TOK.encode(r["text"])) for u in source.units for r in u}
+    seen = set()
+    for batch in take(batches(source), 12):
+        assert all(batch[k].shape == (B, T) for k in pipeline.KEYS)
+        for row in range(B):
+            seg, pos = batch["segment_ids"][row], batch["positions"][row]
+            w = batch["weights"][row]
+            np.testing.assert_array_equal(w, seg > 0)  # text: every real position counts, padding none
+            for s in set(seg[seg > 0].tolist()):
+                at = np.flatnonzero(seg == s)
+                assert np.array_equal(at, np.arange(at[0], at[-1] + 1)), "a segment is contiguous"
+                np.testing.assert_array_equal(pos[at], np.arange(len(at)))  # positions restart
+                inputs, targets = batch["inputs"][row][at], batch["targets"][row][at]
+                np.testing.assert_array_equal(inputs[1:], targets[:-1])  # one piece of one document
+                piece = TOK.decode(inputs[1:])
+                assert any(piece in d for d in docs)
+                if targets[-1] == TOK.eos_id:  # a document's end: EOS is a target, never an input
+                    seen.add(TOK.decode(inputs))
+            assert TOK.eos_id not in batch["inputs"][row][seg > 0]
+    assert seen and all(any(d.endswith(s) for d in docs) for s in seen)
+
+
+def test_same_seed_same_batches_different_seed_different():
+    first = take(batches(corpus(), seed=3), 4)
+    assert_same(take(batches(corpus(), seed=3), 4), first)
+    other = take(batches(corpus(), seed=4), 4)
     assert not np.array_equal(other[0]["inputs"], first[0]["inputs"])
 
 
-def test_batches_are_shuffled_windows_of_the_corpus():
-    # Token i is the number i, so every row says which window it is.
-    n, seq_len, batch = 203, 10, 8
-    tokens = np.arange(n, dtype=np.int32)
-    windows = n - seq_len
-    batches = take(pipeline.train_dataset(pipeline.Windows(tokens, seq_len), batch, seed=0), windows // batch)
-    starts = []
-    for b in batches:
-        assert b["inputs"].shape == b["targets"].shape == (batch, seq_len)
-        for inputs, targets in zip(b["inputs"], b["targets"]):
-            np.testing.assert_array_equal(inputs, np.arange(inputs[0], inputs[0] + seq_len))
-            np.testing.assert_array_equal(targets, inputs + 1)
-            starts.append(int(inputs[0]))
-    assert len(set(starts)) == len(starts), "a window repeats within the first epoch"
-    assert set(starts) <= set(range(windows))
-    assert starts != sorted(starts), "not shuffled"
-
-
 @pytest.mark.parametrize("processes", [2, 4])
-def test_process_slices_concatenate_to_the_global_batch(train_tokens, processes):
-    windows = pipeline.Windows(train_tokens, 16)
-    global_batches = take(pipeline.train_dataset(windows, 8, seed=5), 3)
-    per_process = [take(pipeline.train_dataset(windows, 8, 5, p, processes), 3) for p in range(processes)]
-    for step, expected in enumerate(global_batches):
-        for key in expected:
-            got = np.concatenate([batches[step][key] for batches in per_process])
-            np.testing.assert_array_equal(got, expected[key])
+def test_process_slices_concatenate_to_the_global_batch(processes):
+    expected = take(batches(corpus()), 6)
+    per_process = [take(batches(corpus(), process_index=p, process_count=processes), 6) for p in range(processes)]
+    for step, want in enumerate(expected):
+        for key in want:
+            got = np.concatenate([b[step][key] for b in per_process])
+            np.testing.assert_array_equal(got, want[key])
 
 
-def test_iterator_state_resumes_exactly(train_tokens):
-    it = iter(pipeline.train_dataset(pipeline.Windows(train_tokens, 16), 4, seed=7))
+def test_iterator_state_resumes_exactly_also_on_another_process_count():
+    it = batches(corpus())
     take(it, 5)
     state = it.get_state()
-    expected = take(it, 4)
-    fresh = iter(pipeline.train_dataset(pipeline.Windows(train_tokens, 16), 4, seed=7))
-    fresh.set_state(state)
-    assert_same_batches(take(fresh, 4), expected)
-    fresh.set_state(state)  # and again, after having moved on
-    assert_same_batches(take(fresh, 4), expected)
+    rest = take(it, 4)
+    again = batches(corpus())
+    again.set_state(state)
+    assert_same(take(again, 4), rest)
+    halves = []
+    for p in range(2):  # the global state read by two processes, each taking its streams
+        half = batches(corpus(), process_index=p, process_count=2)
+        half.set_state(state)
+        halves.append(take(half, 4))
+    for step, want in enumerate(rest):
+        np.testing.assert_array_equal(np.concatenate([h[step]["inputs"] for h in halves]), want["inputs"])
 
 
-def test_eval_batches_are_fixed(train_tokens):
-    a = pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0)
-    assert_same_batches(pipeline.eval_batches(pipeline.Windows(train_tokens, 16), 4, num_batches=3, seed=0), a)
-    assert len(a) == 3
+def test_worker_processes_give_the_same_batches_and_resume():
+    expected = take(batches(corpus()), 6)
+    it = batches(corpus(), workers=1)
+    try:
+        assert_same(take(it, 3), expected[:3])
+        state = it.get_state()
+        it.set_state(state)
+        assert_same(take(it, 3), expected[3:])
+    finally:
+        it.close()
 
 
-def test_char_tokenizer_round_trips_the_corpus(texts, tmp_path):
-    corpus = "".join(texts.values())
-    tok = tokenizer.build("char", corpus)
-    assert tok.vocab_size == 65  # tiny-shakespeare's character set
-    ids = tok.encode(corpus)
-    assert ids.min() == 0 and ids.max() == tok.vocab_size - 1
-    assert tok.decode(ids) == corpus
-    tokenizer.save(tok, tmp_path)
-    loaded = tokenizer.load(tmp_path)
-    assert loaded == tok
-    np.testing.assert_array_equal(loaded.encode(corpus[:5000]), ids[:5000])
+def test_examples_stay_whole_with_loss_on_completion_and_eos():
+    source = corpus(fields=("prompt", "completion"))
+    pairs = {(r["prompt"], r["completion"]) for u in source.units for r in u}
+    for batch in take(pipeline.Batches([pipeline.Input(source)], TOK, 48, B, 0), 6):
+        for row in range(B):
+            seg = batch["segment_ids"][row]
+            for s in set(seg[seg > 0].tolist()):
+                at = np.flatnonzero(seg == s)
+                inputs, targets, w = (batch[k][row][at] for k in ("inputs", "targets", "weights"))
+                full = TOK.decode(np.append(inputs, targets[-1]))
+                if targets[-1] != TOK.eos_id:  # cut: longer than a row
+                    assert len(at) == 48
+                    continue
+                match = [(p, c) for p, c in pairs if TOK.decode(np.append(inputs, targets[-1])) == p + c]
+                assert match, full
+                p, c = match[0]
+                # weight 1 exactly where the target is a completion character or the EOS
+                np.testing.assert_array_equal(w, np.arange(1, len(at) + 1) >= len(p))
 
 
-def test_char_tokenizer_non_ascii_and_unknown_characters(tmp_path):
-    text = 'naïve café — Ωμέγα 世界 🙂\n\t"quoted"\\'
-    tok = tokenizer.build("char", text)
-    assert tok.decode(tok.encode(text)) == text
-    tokenizer.save(tok, tmp_path)
-    assert tokenizer.load(tmp_path).decode(tok.encode(text)) == text
-    with pytest.raises(ValueError, match="not in the tokenizer"):
-        tok.encode("xyz")
+def test_holdout_documents_never_train():
+    source = corpus(units=5)
+    heldout = pipeline.Input(source, holdout=0.3, keep="heldout")
+    rest = pipeline.Input(source, holdout=0.3, keep="rest")
+    held = set(pipeline.texts([heldout], 0))
+    trained = set(pipeline.texts([rest], 0))
+    assert held and trained and not held & trained
+    assert held | trained == {r["text"] for u in source.units for r in u}
 
 
-def test_byte_tokenizer_round_trips_non_ascii(tmp_path):
-    text = "To be, or not — naïve Ωμέγα 世界 🙂\x00\n"
-    tok = tokenizer.build("byte", "ignored")
-    ids = tok.encode(text)
-    assert tok.vocab_size == 256 and len(ids) == len(text.encode("utf-8")) and ids.max() < 256
-    assert tok.decode(ids) == text
-    tokenizer.save(tok, tmp_path)
-    loaded = tokenizer.load(tmp_path)
-    assert loaded == tok and loaded.decode(loaded.encode(text)) == text
+def test_mixture_follows_the_weights():
+    a, b = corpus(1, units=50), corpus(2, units=50)
+    slots = pipeline._Slots((len(a), len(b)), (3.0, 1.0), seed=0).table()
+    share = np.mean([slots[g][0] == 0 for g in range(4000)])
+    assert abs(share - 0.75) < 0.02
+
+
+def test_validation_is_fixed_covers_the_split_and_counts_its_bytes():
+    source = corpus(units=3)
+    ins = [pipeline.Input(source)]
+    val, nbytes = pipeline.eval_batches(ins, TOK, T, B, 50, seed=0)
+    again, _ = pipeline.eval_batches(ins, TOK, T, B, 50, seed=0)
+    assert_same(val, again)
+    texts = [r["text"] for u in source.units for r in u]
+    # everything fits in 50 batches: every document's pairs once, its bytes once
+    assert sum(float(b["weights"].sum()) for b in val) == sum(len(t) for t in texts)  # len + eos - 1
+    assert nbytes == pytest.approx(sum(len(t.encode()) for t in texts))
+    halves = [pipeline.eval_batches(ins, TOK, T, B, 50, 0, p, 2) for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h[0][7]["inputs"] for h in halves]), val[7]["inputs"])
+    assert halves[0][1] + halves[1][1] == pytest.approx(nbytes)
+
+
+def test_changing_document_a_leaves_document_b_bit_identical():
+    """Packing: attention never crosses documents, so a row's other documents do not move by one bit."""
+    from podtrain.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=TOK.vocab_size, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+    with nnx.use_eager_sharding(False):
+        model = Transformer(cfg, rngs=nnx.Rngs(params=0))
+    source = Units([[{"text": "the quick brown fox"}, {"text": "jumps over the lazy dog"}]])
+    row = next(pipeline.Batches([pipeline.Input(source)], TOK, 48, 1, 0))
+    seg = row["segment_ids"][0]
+    assert set(seg.tolist()) == {0, 1, 2}
+
+    def logits(inputs):
+        out = model(jnp.asarray(inputs), positions_BT=jnp.asarray(row["positions"]),
+                    segment_ids_BT=jnp.asarray(row["segment_ids"]))[0]  # fmt: skip
+        return np.asarray(out[0])
+
+    base = logits(row["inputs"])
+    changed = row["inputs"].copy()
+    a = np.flatnonzero(seg == 1)
+    changed[0, a[2]] = (changed[0, a[2]] + 1) % 26
+    moved = logits(changed)
+    b = np.flatnonzero(seg == 2)
+    np.testing.assert_array_equal(moved[b], base[b])
+    assert not np.array_equal(moved[a[2:]], base[a[2:]])
+
+
+def test_dataset_names_of_the_old_layout_are_refused_with_what_is_accepted():
+    with pytest.raises(ValueError, match=r"data.dataset='jsonl'.*tfds:NAME"):
+        DataConfig(dataset="jsonl")

@@ -207,12 +207,15 @@ def test_import_llama_gives_same_logits_and_round_trips_bitwise(tmp_path, tie):
 
 
 def test_import_export_round_trip_keeps_the_tokenizer(tmp_path):
-    random_run(tmp_path / "run", vocab_size=65)
+    random_run(tmp_path / "run", vocab_size=66)
     export.export(tmp_path / "run", tmp_path / "hf")
     export.import_hf(tmp_path / "hf", tmp_path / "run2")
-    assert tokenizer.load(tmp_path / "run2") == tokenizer.CharTokenizer(CHARS)
+    imported, char = tokenizer.load_run(tmp_path / "run2"), tokenizer.CharTokenizer(CHARS)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    assert imported.kind == "hf" and imported.encode(text).tolist() == char.encode(text).tolist()
+    assert (imported.vocab_size, imported.eos_id) == (char.vocab_size, char.eos_id)
     export.export(tmp_path / "run2", tmp_path / "hf2")
-    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
 
 
@@ -323,7 +326,7 @@ def test_imported_model_can_be_fine_tuned_sampled_and_exported(tmp_path, tfds_di
     from podtrain.inference import generate
     from podtrain.train import finetune
 
-    cfg, _, _ = random_run(tmp_path / "run", vocab_size=65, num_layers=2, tie_embeddings=False)
+    cfg, _, _ = random_run(tmp_path / "run", vocab_size=66, num_layers=2, tie_embeddings=False)
     export.export(tmp_path / "run", tmp_path / "hf")
     run = export.import_hf(tmp_path / "hf", tmp_path / "imported", ["data.seq_len=32"])
     assert generate.sample_run(run, "ROMEO:", 8, temperature=0).startswith("ROMEO:")

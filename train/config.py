@@ -158,7 +158,7 @@ def _number(field_type):
     return hook
 
 
-_DACITE = dacite.Config(strict=True, type_hooks={float: _number(float), int: _number(int)})
+_DACITE = dacite.Config(strict=True, type_hooks={float: _number(float), int: _number(int)}, cast=[tuple])
 
 
 # Keys that name a section which lives elsewhere: where it lives now.
@@ -180,6 +180,11 @@ def _check_keys(cls, data: dict, prefix: str = "") -> None:
         sub = typing.get_type_hints(cls)[key]
         if dataclasses.is_dataclass(sub):
             _check_keys(sub, value, f"{prefix}{key}.")
+        elif typing.get_origin(sub) is tuple and dataclasses.is_dataclass(item := typing.get_args(sub)[0]):
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"{prefix}{key}={value!r} must be a list of {item.__name__} mappings")
+            for i, entry in enumerate(value):  # data.mixture: a list of sections
+                _check_keys(item, entry, f"{prefix}{key}[{i}].")
 
 
 def _type_name(t) -> str:

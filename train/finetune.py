@@ -1,8 +1,9 @@
 """`finetune(config)`: continue from another run's parameters on new data, fully, frozen in part, or LoRA.
 
 Parameters only come from `finetune.init_from=RUN_DIR[:STEP]` (newest valid step by default); the
-optimizer and the learning-rate schedule start fresh. The base run's tokenizer is used: the config's
-model must have the base's parameter shapes, and the data only characters the tokenizer knows; a
+optimizer and the learning-rate schedule start fresh. The base run's tokenizer (its run dir's
+tokenizer/ folder) is always used: the config's model must have the base's parameter shapes
+(model.vocab_size=0 resolves as in pretraining), and the data only characters the tokenizer knows; a
 mismatch lists the offending parameter paths or characters (ConfigError, exit 2). MoE models also
 take the base run's router biases (buffers) and must route like it (ROUTING_KEYS). This module
 only builds the adapter's layout, the data and the initial state; the steps run in pretraining's
@@ -43,8 +44,9 @@ ROUTING_KEYS = ("top_k", "router", "normalize_topk", "n_groups", "topk_groups", 
 
 
 def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizer.Tokenizer]:
-    """(base run dir, step, its tokenizer), checking the tokenizer kind matches data.tokenizer and
-    the MoE routing settings (which parameter shapes do not show) match the base run's."""
+    """(base run dir, step, its tokenizer), checking the tokenizer files are the ones the step was
+    trained with, data.tokenizer does not name another tokenizer (`_check_tokenizer`), and the MoE
+    routing settings (which parameter shapes do not show) match the base run's."""
     run_dir, step = parse_init_from(cfg.finetune.init_from)
     base = checkpoint.Checkpoints(run_dir)
     try:
@@ -57,13 +59,30 @@ def base_checkpoint(cfg: Config) -> tuple[Path, int, tokenizer.Tokenizer]:
     finally:
         base.close()
     _check_routing(cfg, base_moe, f"{run_dir} step {step}")
-    if spec["kind"] != cfg.data.tokenizer:
+    tok = tokenizer.load_run(run_dir)
+    if tok is None or tok.fingerprint != spec.get("fingerprint"):
+        state = "holds no tokenizer/ folder" if tok is None else "has tokenizer/ files other than"
         raise ConfigError(
-            f"data.tokenizer={cfg.data.tokenizer!r} does not match the base run's {spec['kind']!r} tokenizer: "
-            f"set data.tokenizer={spec['kind']}"
+            f"finetune.init_from={cfg.finetune.init_from}: {run_dir} {state} the tokenizer step {step} was "
+            f"trained with; restore that run's {tokenizer.RUN_FOLDER}/ folder"
         )
-    tok = tokenizer.CharTokenizer(spec["chars"]) if spec["kind"] == "char" else tokenizer.ByteTokenizer()
+    _check_tokenizer(cfg, tok)
     return run_dir, step, tok
+
+
+def _check_tokenizer(cfg: Config, tok: tokenizer.Tokenizer) -> None:
+    """Fine-tuning always uses the base run's tokenizer. data.tokenizer may stay at its default
+    'char' (a char tokenizer is built from a corpus, which fine-tuning never does); 'byte' or a path
+    must name the base run's tokenizer, so a config that expects another one fails here."""
+    want = cfg.data.tokenizer
+    if want == "char":
+        return
+    same = tok.kind == "byte" if want == "byte" else tokenizer.load(want, f"data.tokenizer={want}") == tok
+    if not same:
+        raise ConfigError(
+            f"data.tokenizer={want!r} does not match the base run's {tok.kind!r} tokenizer: omit data.tokenizer "
+            f"(fine-tuning uses the base run's)"
+        )
 
 
 def _check_routing(cfg: Config, base_moe: dict, where: str) -> None:

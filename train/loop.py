@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from podtrain.data import pipeline, tokenizer
+from podtrain.model.config import resolved_vocab
 from podtrain.parallel import devices, distributed, rules
 from podtrain.train import checkpoint, moe_stats, optim, validate
 from podtrain.train import config as configs
@@ -38,14 +39,12 @@ def load_data(cfg: Config, tok=None, part: int = 0, parts: int = 1):
 
 
 def resolve(cfg: Config, vocab_size: int) -> Config:
-    if cfg.model.vocab_size == 0:
-        return configs.replace(cfg, model={"vocab_size": vocab_size})
-    if cfg.model.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}; "
-            f"set it to 0 to take the tokenizer's"
-        )
-    return cfg
+    """cfg with model.vocab_size resolved against a tokenizer of `vocab_size` ids (model/config.py)."""
+    try:
+        rows = resolved_vocab(vocab_size, cfg.model.vocab_size, cfg.model.vocab_multiple)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg if rows == cfg.model.vocab_size else configs.replace(cfg, model={"vocab_size": rows})
 
 
 def prepare_run_dir(cfg: Config, tok) -> Path:
@@ -71,7 +70,7 @@ def prepare_run_dir(cfg: Config, tok) -> Path:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(configs.dump(cfg))
-        tokenizer.save(tok, run_dir)
+        tokenizer.save_run(tok, run_dir)
     return run_dir
 
 
@@ -171,7 +170,7 @@ def run_loop(
     pid = jax.process_index()
     batch_sharding = rules.batch_sharding(lay.mesh)
     start = int(jax.device_get(state.step))
-    saved = {"config": configs.to_dict(cfg), "tokenizer": tok.to_json()}
+    saved = {"config": configs.to_dict(cfg), "tokenizer": tok.spec()}
     bad = BadSteps(cfg.train.max_bad_steps, before_stop=ckpts.close)
     preempted = False
 
