@@ -31,8 +31,8 @@ and the peak RSS on the large corpus within 10% of the small corpus's (per shape
 """
 
 import argparse
+import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -50,10 +50,11 @@ CORPUS_VERSION = 1  # bump when the generator changes: corpora on disk are remad
 
 # -- corpus ---------------------------------------------------------------------------------------
 
-ONSETS = "b c d f g h k l m n p r s t v w y bl br ch cl cr dr fl fr gr pl pr sh sk sl sp st str th tr wh".split()
-VOWELS = "a e i o u a e i o ai ea ee oo ou ie y".split()
-CODAS = ["", "", "", "", "n", "r", "s", "t", "d", "l", "m", "ng", "st", "nd", "ck", "th", "rt", "ll"]
-COMMON = "the of and to a in is that it was for on as with he be at by his this had not are but from or".split()
+# syllables are onset + vowel, a word's last one gets a coda (- for none); the common words rank first
+ONSETS = "b c d f g h k l m n p r s t v w y bl br ch cl cr dr fl fr gr pl pr sh sk sl sp st str th tr wh"
+VOWELS = "a e i o u a e i o ai ea ee oo ou ie y"
+CODAS = "- - - - n r s t d l m ng st nd ck th rt ll"
+COMMON = "the of and to a in is that it was for on as with he be at by his this had not are but from or"
 PUNCTUATION = {b",": 0.045, b".": 0.035, b".\\n\\n": 0.006}  # JSON-escaped paragraph break
 TABLE = 2**22  # resolution of the sampling table: probabilities in steps of 2.4e-7
 
@@ -65,15 +66,16 @@ def vocabulary(seed: int, size: int = 30_000) -> tuple[np.ndarray, np.ndarray, n
     Words are " " + syllables; frequent ranks get the short words, as in English, with Zipf weights
     1 / (rank + 2.7) ** 1.07; punctuation entries carry no leading space."""
     rng = np.random.default_rng([seed, 0])
-    words, seen = list(COMMON), set(COMMON)
+    onsets, vowels, codas, common = ONSETS.split(), VOWELS.split(), CODAS.replace("-", "").split(" "), COMMON.split()
+    words, seen = list(common), set(common)
     while len(words) < size:
         n = 1 + rng.binomial(3, 0.4)
-        w = "".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] for _ in range(n))
-        w += CODAS[rng.integers(len(CODAS))]
+        w = "".join(onsets[rng.integers(len(onsets))] + vowels[rng.integers(len(vowels))] for _ in range(n))
+        w += codas[rng.integers(len(codas))]
         if w not in seen:
             seen.add(w)
             words.append(w)
-    words = words[: len(COMMON)] + sorted(words[len(COMMON) :], key=len)
+    words = words[: len(common)] + sorted(words[len(common) :], key=len)
     weights = 1.0 / (np.arange(len(words)) + 2.7) ** 1.07
     weights *= (1 - sum(PUNCTUATION.values())) / weights.sum()
     entries = [b" " + w.encode() for w in words] + list(PUNCTUATION)
@@ -131,7 +133,8 @@ def make_corpus(root: Path, name: str, size: int, file_size: int, seed: int, doc
     vocab, files, left, i = vocabulary(seed), {}, size, 0
     while left > 0:
         part = f"part-{i:05d}.jsonl"
-        files[part] = write_jsonl(folder / part, min(file_size, left), np.random.default_rng([seed, 1, i]), vocab, doc_bytes)
+        rng = np.random.default_rng([seed, 1, i])
+        files[part] = write_jsonl(folder / part, min(file_size, left), rng, vocab, doc_bytes)
         left -= files[part]
         i += 1
     manifest.write_text(json.dumps({**want, "files": files}, indent=1))
@@ -154,25 +157,14 @@ def corpus_texts(folder: Path, limit: int):
 
 
 def train_tokenizer(corpus: Path, root: Path, vocab_size: int, sample: int) -> tuple[Path, bool]:
-    """(the folder of a byte-level BPE tokenizer.json trained on the corpus's first `sample` bytes,
-    whether it was trained now)."""
+    """(the folder of a byte-level BPE tokenizer trained on the corpus's first `sample` bytes by
+    `podtrain tokenizer train`'s library function, whether it was trained now)."""
     folder = root / f"bpe{vocab_size}-{corpus.name}-{sample // MiB}MiB"
     if (folder / "tokenizer.json").exists():
         return folder, False
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from podtrain.data import tokenizer_train
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus_texts(corpus, sample), trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
+    tokenizer_train.train(corpus_texts(corpus, sample), vocab_size, "bpe").save(folder)
     return folder, True
 
 
@@ -190,10 +182,8 @@ class PeakRss(threading.Thread):
         me = psutil.Process()
         total = me.memory_info().rss
         for child in me.children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.Error):  # a worker that just exited
                 total += child.memory_info().rss
-            except psutil.Error:
-                pass  # a worker that just exited
         self.peak = max(self.peak, total)
 
     def run(self) -> None:
@@ -231,13 +221,14 @@ def measure(job: dict) -> dict:
         next(batches)
     slots0, count, t0 = slots_done(batches), 0, time.perf_counter()
     while True:
-        batch = next(batches)
+        next(batches)
         count += 1
         elapsed = time.perf_counter() - t0
-        slots = slots_done(batches) - slots0
-        if elapsed >= job["max_seconds"] or (elapsed >= job["seconds"] and slots >= job["units"]):
+        if elapsed >= job["seconds"] and (
+            elapsed >= job["max_seconds"] or slots_done(batches) - slots0 >= job["units"]
+        ):
             break
-    pad = float(np.mean(batch["segment_ids"] == 0))
+    slots = slots_done(batches) - slots0
     batches.close()
     return {
         **job,
@@ -245,10 +236,9 @@ def measure(job: dict) -> dict:
         "seconds": elapsed,
         "batches": count,
         "slots": slots,
-        "units": len(train_in[0].source),
+        "source_units": len(train_in[0].source),
         "first_batch_s": first,
         "peak_rss": rss.stop(),
-        "padding": pad,
     }
 
 
@@ -386,7 +376,7 @@ def main(argv=None) -> None:
                 results.append(r)
                 print(
                     f"pipeline {label(r)}: {r['tokens_per_s']:,.0f} tokens/s over {r['seconds']:.1f} s "
-                    f"({r['batches']} batches, {r['slots']} of {r['units']} units read, first batch "
+                    f"({r['batches']} batches, {r['slots']} of {r['source_units']} units read, first batch "
                     f"{r['first_batch_s']:.1f} s), peak RSS {r['peak_rss'] / 1e6:,.0f} MB"
                 )
     step_tok_s, what = train_step_tokens_per_s(tok.vocab_size, args.reps, args.steps)
