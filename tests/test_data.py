@@ -192,7 +192,7 @@ def test_changing_document_a_leaves_document_b_bit_identical():
     source = Units([[{"text": "the quick brown fox"}, {"text": "jumps over the lazy dog"}]])
     row = next(pipeline.Batches([pipeline.Input(source)], TOK, 48, 1, 0))
     seg = row["segment_ids"][0]
-    assert set(seg.tolist()) == {0, 1, 2}
+    assert {1, 2} <= set(seg.tolist())  # the stream goes on into the next epoch: maybe more segments
 
     def logits(inputs):
         out = model(jnp.asarray(inputs), positions_BT=jnp.asarray(row["positions"]),
@@ -204,7 +204,7 @@ def test_changing_document_a_leaves_document_b_bit_identical():
     a = np.flatnonzero(seg == 1)
     changed[0, a[2]] = (changed[0, a[2]] + 1) % 26
     moved = logits(changed)
-    b = np.flatnonzero(seg == 2)
+    b = np.flatnonzero(seg != 1)  # document B and whatever else shares the row
     np.testing.assert_array_equal(moved[b], base[b])
     assert not np.array_equal(moved[a[2:]], base[a[2:]])
 

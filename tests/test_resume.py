@@ -1,7 +1,9 @@
 """Resumed ≡ uninterrupted, bit for bit: after SIGKILL at random moments and after SIGTERM.
 
 The runs are `podtrain pretrain` subprocesses on one CPU device, saving every step so that kills
-often land inside an asynchronous save.
+often land inside an asynchronous save. They read a file source (tiny-shakespeare's speeches as
+JSONL files, documents held out for validation) tokenized in a Grain worker process, so the data
+iterator state that is restored is the streaming pipeline's with workers.
 """
 
 import json
@@ -23,10 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
 
 
-def _write_config(path: Path, run_dir: Path, tfds_dir, shakespeare_dir) -> Path:
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_dir) -> str:
+    """A glob of three JSONL files holding tiny-shakespeare's speeches, one record each."""
+    folder = tmp_path_factory.mktemp("corpus")
+    speeches = (shakespeare_dir / "input.txt").read_text().split("\n\n")
+    for i in range(3):
+        lines = [json.dumps({"text": s}) for s in speeches[i::3]]
+        (folder / f"part-{i}.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "part-*.jsonl")
+
+
+def _write_config(path: Path, run_dir: Path, corpus: str) -> Path:
     cfg = {
         "model": {"num_layers": 2, "d_model": 64, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 128},
-        "data": {"seq_len": 32, "eval_batches": 2, "data_dir": str(tfds_dir), "manual_dir": str(shakespeare_dir)},
+        "data": {"dataset": corpus, "holdout": 0.02, "workers": 1, "seq_len": 32, "eval_batches": 2},
         "train": {
             "steps": STEPS,
             "batch_size": 8,
@@ -77,20 +90,20 @@ def _final_digest(run_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tfds_dir, shakespeare_dir):
+def uninterrupted(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    config = _write_config(tmp / "cfg.yaml", tmp / "run", tfds_dir, shakespeare_dir)
+    config = _write_config(tmp / "cfg.yaml", tmp / "run", corpus)
     proc = _start(config, tmp / "log.txt")
     assert proc.wait(timeout=600) == 0, (tmp / "log.txt").read_text()[-3000:]
     return _final_digest(tmp / "run")
 
 
 @pytest.mark.slow
-def test_sigkill_three_times_then_resume_is_bitwise_identical(uninterrupted, tmp_path, tfds_dir, shakespeare_dir):
+def test_sigkill_three_times_then_resume_is_bitwise_identical(uninterrupted, tmp_path, corpus):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    config = _write_config(tmp_path / "cfg.yaml", run_dir, tfds_dir, shakespeare_dir)
+    config = _write_config(tmp_path / "cfg.yaml", run_dir, corpus)
     kills = []
     for target in sorted(rng.sample(range(2, STEPS - 2), 3)):
         proc = _start(config, log)
@@ -110,9 +123,9 @@ def test_sigkill_three_times_then_resume_is_bitwise_identical(uninterrupted, tmp
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_exits_143_and_resumes(uninterrupted, tmp_path, tfds_dir, shakespeare_dir):
+def test_sigterm_saves_the_current_step_exits_143_and_resumes(uninterrupted, tmp_path, corpus):
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    config = _write_config(tmp_path / "cfg.yaml", run_dir, tfds_dir, shakespeare_dir)
+    config = _write_config(tmp_path / "cfg.yaml", run_dir, corpus)
     proc = _start(config, log)
     _wait_for_step(proc, run_dir, 15)
     proc.send_signal(signal.SIGTERM)
