@@ -278,6 +278,31 @@ def test_import_keeps_a_bpe_tokenizer_and_samples_like_transformers(tmp_path):
     assert generation["eos_token_id"] == hf_tok.eos_token_id and generation["bos_token_id"] == hf_tok.bos_token_id
 
 
+def test_sentencepiece_run_exports_a_tokenizer_transformers_reads_with_our_ids(tmp_path):
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(heldout_text().splitlines() * 20),
+        model_writer=model,
+        vocab_size=320,  # the 256 byte pieces and the text's characters, then a few merges
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        minloglevel=2,
+        num_threads=1,
+    )
+    tok = tokenizer.SentencePieceTokenizer(model.getvalue())
+    random_run(tmp_path / "run", tok=tok, vocab_size=tok.vocab_size, num_layers=1)
+    out = export.export(tmp_path / "run", tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = heldout_text() + "Ünïcödé never seen"
+    assert theirs(text)["input_ids"] == tok.prompt(text).tolist() and tok.add_bos
+    assert theirs.eos_token_id == tok.eos_id
+    assert theirs.decode(tok.encode(text).tolist()) == tok.decode(tok.encode(text))
+
+
 def test_import_rejects_features_podtrain_lacks(tmp_path):
     random_llama(tmp_path / "biased", attention_bias=True)
     with pytest.raises(ConfigError, match="attention_bias"):
