@@ -163,6 +163,12 @@ class ByteTokenizer(Tokenizer):
         return {OURS: json.dumps({"kind": self.kind}).encode()}
 
 
+def _transformers_config(fields: dict) -> bytes:
+    """tokenizer_config.json bytes for `transformers.AutoTokenizer` with these special tokens."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **fields}
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 def _template(config: dict) -> str | None:
     """tokenizer_config.json's chat_template: a string, or a list of named ones (the 'default')."""
     template = config.get("chat_template")
@@ -211,15 +217,8 @@ class HFTokenizer(Tokenizer):
 
     def _default_config(self) -> bytes:
         """A tokenizer_config.json that lets `transformers.AutoTokenizer` load tokenizer.json as it is."""
-        names = {key: self._tok.id_to_token(i) for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))}
-        if self.pad_id is not None:
-            names["pad_token"] = self._tok.id_to_token(self.pad_id)
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "clean_up_tokenization_spaces": False,
-            **{k: v for k, v in names.items() if v is not None},
-        }
-        return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        return _transformers_config({k: self._tok.id_to_token(i) for k, i in ids.items() if i is not None})
 
     def encode(self, text: str) -> np.ndarray:
         return _ids(self._tok.encode(text, add_special_tokens=False).ids)
@@ -268,6 +267,20 @@ class SentencePieceTokenizer(Tokenizer):
 
     def files(self) -> dict[str, bytes]:
         return {SP_FILE: self._proto} | ({HF_CONFIG: self._config_json} if self._config_json else {})
+
+    def transformers_config(self) -> bytes:
+        """tokenizer_config.json for exports: the model's own when it came with one, else one with
+        which `transformers.AutoTokenizer` gives our ids (BOS added as the model's bos_id says)."""
+        if self._config_json:
+            return self._config_json
+        ids = {
+            "bos_token": self.bos_id,
+            "eos_token": self.eos_id,
+            "pad_token": self.pad_id,
+            "unk_token": self._sp.unk_id(),
+        }
+        pieces = {k: self._sp.id_to_piece(i) for k, i in ids.items() if i is not None and i >= 0}
+        return _transformers_config({**pieces, "add_bos_token": self.add_bos, "add_eos_token": False})
 
     def __reduce__(self):
         return type(self), (self._proto, self._config_json)

@@ -180,6 +180,8 @@ def _write_hf_tokenizer(cfg: Config, tok: tokenizer.Tokenizer, tmp: Path) -> Non
     tokenizer.json. Either way `transformers.AutoTokenizer` on the export gives our ids."""
     if tok.kind in ("hf", "sentencepiece"):
         tok.save(tmp)
+        if tok.kind == "sentencepiece":
+            (tmp / tokenizer.HF_CONFIG).write_bytes(tok.transformers_config())
         return
     hf.hf_tokenizer(tok).save(str(tmp / tokenizer.HF_FILE))
     (tmp / tokenizer.HF_CONFIG).write_text(json.dumps(hf.tokenizer_config(cfg), indent=2) + "\n")

@@ -112,7 +112,7 @@ def test_damage_is_detected_and_an_older_step_restored(kind, saved_run, tmp_path
     bad_step = "6" if kind == "leftover_tmp" else "4"
     assert not listed[bad_step]["valid"] and reason in listed[bad_step]["problem"]
 
-    cfg = loop.resolve(cfg, 65)
+    cfg = loop.resolve(cfg, 66)
     lay = _layout(cfg)
     data_iter = _Iter()
     with pytest.warns(CorruptCheckpointWarning, match=rf"checkpoint step {bad_step}\b.*{reason}"):
@@ -151,7 +151,7 @@ def test_no_valid_step_starts_from_scratch_with_a_warning(saved_run, tmp_path):
     cfg, run, _ = _copy(saved_run, tmp_path)
     for step in ("2", "4"):
         _delete_file(run / "checkpoints" / step)
-    cfg = loop.resolve(cfg, 65)
+    cfg = loop.resolve(cfg, 66)
     with pytest.warns(CorruptCheckpointWarning):
         ckpts = checkpoint.Checkpoints(run, cfg.checkpoint)
     assert ckpts.resume(_layout(cfg).abstract, _Iter()) is None
@@ -189,14 +189,14 @@ def test_saved_config_tokenizer_and_rng(saved_run):
     params = ckpts.host_params(4)
     ckpts.close()
     assert set(params) >= {"embed", "blocks", "final_norm"}
-    lay = _layout(loop.resolve(cfg, 65))
+    lay = _layout(loop.resolve(cfg, 66))
     ckpts = checkpoint.Checkpoints(run)
     restored = ckpts.mngr.restore(
         4, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.StandardRestore(lay.abstract))
     )
     ckpts.close()
     want = states.init_state(
-        cfg.model if cfg.model.vocab_size else loop.resolve(cfg, 65).model,
+        cfg.model if cfg.model.vocab_size else loop.resolve(cfg, 66).model,
         optim.optimizer(cfg.train),
         lay,
         cfg.train.seed,

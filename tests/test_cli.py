@@ -128,7 +128,7 @@ def test_real_run_then_sample_then_a_different_config_is_refused(tiny_yaml, tmp_
     last_line = result.stdout.strip().splitlines()[-1]
     assert re.search(rf"val_loss {last_val:.4f}\b", last_line), last_line
     saved = configs.load(run / "config.yaml")
-    assert saved == configs.replace(configs.load(tiny_yaml), model={"vocab_size": 65})
+    assert saved == configs.replace(configs.load(tiny_yaml), model={"vocab_size": 128})  # 66 ids, rounded up
 
     # Greedy sampling through the CLI ≡ the same generation in-process from the restored params.
     result = podtrain(
@@ -136,7 +136,8 @@ def test_real_run_then_sample_then_a_different_config_is_refused(tiny_yaml, tmp_
     )
     assert result.returncode == 0, result.stderr
     cfg, tok, graphdef, params = generate.load_run(run)
-    new = generate.generate(graphdef, params, cfg.model, tok.encode("ROMEO:"), 8, cfg.data.seq_len, temperature=0)
+    prompt = tok.prompt("ROMEO:")
+    new = generate.generate(graphdef, params, cfg.model, prompt, 8, cfg.data.seq_len, temperature=0, stop_id=tok.eos_id)
     assert result.stdout == "ROMEO:" + tok.decode(new) + "\n"
 
     before = snapshot(run)
@@ -144,7 +145,7 @@ def test_real_run_then_sample_then_a_different_config_is_refused(tiny_yaml, tmp_
     assert_user_error(result, "sample", "--prompt", "€")
     for kwargs, words in [
         ({"temperature": -1.0}, "--temperature=-1.0 must be >= 0"),
-        ({"top_k": 66}, r"--top-k=66 must be in \[0, 65\]"),
+        ({"top_k": 129}, r"--top-k=129 must be in \[0, 128\]"),
         ({"max_new_tokens": -1}, "--max-new-tokens=-1 must be >= 0"),
     ]:
         with pytest.raises(configs.ConfigError, match=words):

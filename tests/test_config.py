@@ -82,9 +82,10 @@ def test_round_trip_with_non_default_values(tmp_path):
 
 
 def test_run_dir_config_yaml_reloads_equal(tmp_path):
-    cfg = configs.load(None, [f"run.dir={tmp_path / 'run'}", "model.vocab_size=5", "train.lr=2e-3"])
+    cfg = configs.load(None, [f"run.dir={tmp_path / 'run'}", "model.vocab_size=6", "train.lr=2e-3"])
     run = loop.prepare_run_dir(cfg, tokenizer.CharTokenizer("abcde"))
     assert configs.load(run / "config.yaml") == cfg
+    assert tokenizer.load_run(run) == tokenizer.CharTokenizer("abcde")
 
 
 def test_overrides_apply_on_top_of_the_file(tmp_path):
@@ -161,12 +162,12 @@ def test_unparseable_config_file(tmp_path, text):
 
 def test_run_dir_of_another_config_is_refused_and_left_alone(tmp_path):
     tok = tokenizer.CharTokenizer("abcde")
-    run = loop.prepare_run_dir(configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=5"]), tok)
-    before = {p: p.read_bytes() for p in run.iterdir()}
-    other = configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=5", "model.d_model=64"])
+    run = loop.prepare_run_dir(configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=6"]), tok)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=6", "model.d_model=64"])
     with pytest.raises(ConfigError, match=r"model\.d_model: 128 -> 64"):
         loop.prepare_run_dir(other, tok)
-    assert {p: p.read_bytes() for p in run.iterdir()} == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_non_run_dir_is_refused(tmp_path):

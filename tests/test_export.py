@@ -164,19 +164,21 @@ def test_own_safetensors_format_keeps_our_names(tmp_path):
 def random_llama(directory, **overrides):
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=67,
-        hidden_size=48,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=3,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-        rope_parameters={"rope_type": "default", "rope_theta": 700.0},
-        bos_token_id=None,
-        eos_token_id=None,
-        **overrides,
+        **{
+            "vocab_size": 67,
+            "hidden_size": 48,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 3,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 64,
+            "initializer_range": 0.2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 700.0},
+            "bos_token_id": None,
+            "eos_token_id": None,
+            **overrides,
+        }
     )
     model = transformers.LlamaForCausalLM(hf_cfg)
     with torch.no_grad():
@@ -217,6 +219,88 @@ def test_import_export_round_trip_keeps_the_tokenizer(tmp_path):
     export.export(tmp_path / "run2", tmp_path / "hf2")
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
+
+
+def llama3_style_tokenizer(directory) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer.json trained here, with Llama 3's specials: its post-processor
+    prepends <|begin_of_text|>, <|end_of_text|> ends text. Saved by transformers into `directory`."""
+    from tokenizers import Tokenizer, processors
+
+    from podtrain.data import tokenizer_train
+
+    tok = Tokenizer.from_str(tokenizer_train.train([heldout_text()] * 2, 300).files()["tokenizer.json"].decode())
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+    )
+    hf_tok.save_pretrained(directory)
+    return hf_tok
+
+
+def heldout_text() -> str:
+    return "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 3
+
+
+def test_import_keeps_a_bpe_tokenizer_and_samples_like_transformers(tmp_path):
+    """A Llama with a BPE tokenizer.json imports with its tokenizer (not dropped, not 'char'):
+    sample works on the run, greedy text equals transformers', and the export's tokenizer gives
+    transformers' ids of the original."""
+    from podtrain.inference import generate
+
+    hf_tok = llama3_style_tokenizer(tmp_path / "llama")
+    specials = {"bos_token_id": hf_tok.bos_token_id, "eos_token_id": hf_tok.eos_token_id}
+    random_llama(tmp_path / "llama", vocab_size=len(hf_tok), **specials)
+    run = export.import_hf(tmp_path / "llama", tmp_path / "run")
+    tok = tokenizer.load_run(run)
+    assert (tok.kind, tok.vocab_size, tok.add_bos) == ("hf", len(hf_tok), True)
+    assert (tok.bos_id, tok.eos_id) == (hf_tok.bos_token_id, hf_tok.eos_token_id)
+    prompt = "Before we speak"
+    assert tok.prompt(prompt).tolist() == hf_tok(prompt)["input_ids"]
+
+    ours = generate.sample_run(run, prompt, 8, temperature=0)
+    print(f"import BPE: sample {ours!r}")
+    assert len(ours) > len(prompt)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32)
+    ids = torch.as_tensor([hf_tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert ours == prompt + hf_tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+
+    exported = export.export(run, tmp_path / "hf")
+    again = transformers.AutoTokenizer.from_pretrained(exported)
+    text = heldout_text()
+    assert again(text)["input_ids"] == hf_tok(text)["input_ids"] == tok.prompt(text).tolist()
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == hf_tok.eos_token_id and generation["bos_token_id"] == hf_tok.bos_token_id
+
+
+def test_sentencepiece_run_exports_a_tokenizer_transformers_reads_with_our_ids(tmp_path):
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(heldout_text().splitlines() * 20),
+        model_writer=model,
+        vocab_size=320,  # the 256 byte pieces and the text's characters, then a few merges
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        minloglevel=2,
+        num_threads=1,
+    )
+    tok = tokenizer.SentencePieceTokenizer(model.getvalue())
+    random_run(tmp_path / "run", tok=tok, vocab_size=tok.vocab_size, num_layers=1)
+    out = export.export(tmp_path / "run", tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = heldout_text() + "Ünïcödé never seen"
+    assert theirs(text)["input_ids"] == tok.prompt(text).tolist() and tok.add_bos
+    assert theirs.eos_token_id == tok.eos_id
+    assert theirs.decode(tok.encode(text).tolist()) == tok.decode(tok.encode(text))
 
 
 def test_import_rejects_features_podtrain_lacks(tmp_path):

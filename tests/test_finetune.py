@@ -136,9 +136,9 @@ def _check_plain_model_loss(cfg, result):
     from podtrain.train import state as states
     from podtrain.train import step as steps
 
-    cfg = loop.resolve(cfg, 65)
+    cfg = loop.resolve(cfg, 66)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
-    _, val = finetune.load_data(cfg, tokenizer.load(cfg.run.dir), 0, 1)
+    _, val = finetune.load_data(cfg, tokenizer.load_run(cfg.run.dir), 0, 1)
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     params = jax.device_put(result["params"], lay.params)
     loss = loop.evaluate(steps.make_eval_step(lay), params, batches)
@@ -147,7 +147,7 @@ def _check_plain_model_loss(cfg, result):
 
 def test_lora_starts_exactly_at_the_base_model(base_run):
     _, base_params, _ = base_run
-    cfg = configs.load(None, TINY + ["finetune.mode=lora", "model.vocab_size=65"])
+    cfg = configs.load(None, TINY + ["finetune.mode=lora", "model.vocab_size=128"])
     adapter = adapters.build(cfg.finetune, cfg.model)
     split = adapter.split(base_params, jax.random.key(0))
     assert integrity.tree_digest(adapter.merged(split)) == integrity.tree_digest(base_params)
@@ -178,6 +178,24 @@ def test_tokenizer_mismatch_lists_the_characters(base_run, tmp_path, tfds_dir):
         finetune.finetune(cfg)
     with pytest.raises(ConfigError, match="data.tokenizer='byte' does not match the base run's 'char'"):
         finetune.finetune(_ft_config(base_run, tmp_path, tfds_dir, "data.tokenizer=byte"))
+
+
+def test_the_base_runs_tokenizer_is_used_and_checked(base_run, tmp_path, tfds_dir):
+    from podtrain.data import tokenizer
+
+    run, _, _ = base_run
+    base_tok = tokenizer.load_run(run)
+    for spec in ("char", "data.tokenizer=char", f"data.tokenizer={run / 'tokenizer'}"):
+        overrides = [] if spec == "char" else [spec]
+        assert finetune.base_checkpoint(_ft_config(base_run, tmp_path, tfds_dir, *overrides))[2] == base_tok
+    CharTokenizer("abc").save(tmp_path / "other")
+    with pytest.raises(ConfigError, match="does not match the base run's 'char' tokenizer: omit data.tokenizer"):
+        finetune.base_checkpoint(_ft_config(base_run, tmp_path, tfds_dir, f"data.tokenizer={tmp_path / 'other'}"))
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    CharTokenizer(base_tok.chars[::-1]).save(copy / "tokenizer")  # same characters, other ids
+    with pytest.raises(ConfigError, match="tokenizer/ files other than the tokenizer step 30 was trained with"):
+        finetune.base_checkpoint(_ft_config(base_run, tmp_path, tfds_dir, f"finetune.init_from={copy}"))
 
 
 def test_init_from_a_step_and_bad_values(base_run, tmp_path, tfds_dir):

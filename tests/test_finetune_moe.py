@@ -75,9 +75,9 @@ def _ft_config(moe_base, tmp_path, tfds_dir, *overrides):
 
 def _evaluator(cfg):
     """(params, buffers) -> the plain (pretraining) model's held-out loss, compiled once."""
-    cfg = loop.resolve(cfg, 65)
+    cfg = loop.resolve(cfg, 66)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
-    _, val = finetune.load_data(cfg, tokenizer.load(cfg.run.dir), 0, 1)
+    _, val = finetune.load_data(cfg, tokenizer.load_run(cfg.run.dir), 0, 1)
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     eval_step = steps.make_eval_step(lay)
 
@@ -161,7 +161,7 @@ def test_lora_gives_every_expert_its_own_factors(moe_base, tmp_path, tfds_dir):
         "train.eval_every=2",
         "train.lr=1e-2",
     )
-    adapter = adapters.build(cfg.finetune, loop.resolve(cfg, 65).model)
+    adapter = adapters.build(cfg.finetune, loop.resolve(cfg, 66).model)
     assert integrity.tree_digest(
         adapter.merged(adapter.split(base_params, jax.random.key(0)))
     ) == integrity.tree_digest(base_params), "LoRA starts exactly at the base model"
@@ -191,7 +191,7 @@ def test_lora_target_without_embed_axis_is_a_config_error():
         None,
         TINY
         + MOE
-        + ["model.vocab_size=65", "finetune.mode=lora", "finetune.lora_targets=mlp/bias$|moe_block/attn_norm"],
+        + ["model.vocab_size=128", "finetune.mode=lora", "finetune.lora_targets=mlp/bias$|moe_block/attn_norm"],
     )
     with pytest.raises(ConfigError, match=r"finetune.lora_targets matches moe_units/moe_block/attn_norm/scale"):
         adapters.build(cfg.finetune, cfg.model)

@@ -93,3 +93,24 @@ def test_top_k_1_sampling_is_greedy_and_seeds_are_reproducible():
     a = generate.generate(graphdef, params, CFG, prompt, 20, 32, temperature=1.0, seed=1)
     assert generate.generate(graphdef, params, CFG, prompt, 20, 32, temperature=1.0, seed=1) == a
     assert generate.generate(graphdef, params, CFG, prompt, 20, 32, temperature=1.0, seed=2) != a
+
+
+def test_generation_ends_after_the_stop_id():
+    graphdef, params = build(CFG)
+    prompt = np.asarray([3, 1, 4, 1, 5])
+    free = generate.generate(graphdef, params, CFG, prompt, 11, 16, temperature=0)
+    stop = free[3]
+    assert stop not in free[:3], "pick a stop id that first appears mid-way"
+    assert generate.generate(graphdef, params, CFG, prompt, 11, 16, temperature=0, stop_id=stop) == free[:4]
+
+
+def test_continuation_decodes_new_ids_with_the_prompt():
+    """A SentencePiece-like decoder drops a leading word marker when new ids are decoded alone."""
+
+    class Pieces:
+        vocab = {0: "▁to", 1: "▁be", 2: "!"}
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids).replace("▁", " ").lstrip()
+
+    assert generate.continuation(Pieces(), [0], [1, 2]) == " be!"
