@@ -35,6 +35,7 @@ from podtrain.data import sources as sources_lib
 from podtrain.data.config import DataConfig, MixtureEntry
 
 KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+HOLDOUT_SEED = 0
 NAMED_SPLITS = ("tiny_shakespeare", "tfds:")  # datasets with their own validation split
 
 
@@ -49,10 +50,10 @@ class Input:
     holdout: float = 0.0
     keep: str = "all"  # 'all' | 'rest' | 'heldout'
 
-    def kept(self, unit: int, index: int, seed: int) -> bool:
+    def kept(self, unit: int, index: int) -> bool:
         if self.keep == "all" or self.holdout <= 0:
-            return True
-        return sources_lib.is_heldout(unit, index, self.holdout, seed) == (self.keep == "heldout")
+            return True  # the held-out choice does not depend on train.seed: every run validates alike
+        return sources_lib.is_heldout(unit, index, self.holdout, HOLDOUT_SEED) == (self.keep == "heldout")
 
 
 def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
@@ -80,14 +81,14 @@ def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
     return train, val
 
 
-def texts(ins: list[Input], seed: int) -> Iterator[str]:
+def texts(ins: list[Input]) -> Iterator[str]:
     """Every kept document's text, in source order (a char tokenizer's vocabulary)."""
     for x in ins:
         for unit in range(len(x.source)):
             for i, record in enumerate(x.source.read(unit)):
-                if x.kept(unit, i, seed) and "prompt" not in record and "messages" not in record:
+                if x.kept(unit, i) and "prompt" not in record and "messages" not in record:
                     yield sources_lib.record_text(record, x.text_key, record.get("_where", x.source.name))
-                elif x.kept(unit, i, seed):
+                elif x.kept(unit, i):
                     yield from (str(v) for k, v in record.items() if k in ("prompt", "completion"))
 
 
@@ -181,9 +182,44 @@ class _ReadSlot:
         g = self.global_slot(int(i))
         s, unit = self.table[g]
         x = self.ins[s]
-        records = [r for j, r in enumerate(x.source.read(unit)) if x.kept(unit, j, self.seed)]
-        order = np.random.default_rng([self.seed, g]).permutation(len(records))
-        return int(i), documents(self.tok, [records[j] for j in order], x.text_key, x.source.name)
+        records = [r for j, r in enumerate(x.source.read(unit)) if x.kept(unit, j)]
+        rng = np.random.default_rng([self.seed, g])
+        order = rng.permutation(len(records))
+        return int(i), rotate(documents(self.tok, [records[j] for j in order], x.text_key, x.source.name), rng)
+
+
+def rotate(docs: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The slot's pairs as a cycle cut at a random pair: the cut text document's tail comes first
+    and its head last (two pieces; an example is never cut, the cycle starts at it). Streams that
+    read the same unit (a corpus of one long document) then start at different places; no pair is
+    lost or repeated."""
+    starts, n_docs = docs["starts"], len(docs["loss_from"])
+    pairs = np.maximum(np.diff(starts) - 1, 0)
+    if n_docs == 0 or pairs.sum() == 0:
+        return docs
+    q = int(rng.integers(pairs.sum()))
+    d = int(np.searchsorted(np.cumsum(pairs), q, side="right"))
+    cut = q - int(pairs[:d].sum())  # pair index within document d
+    if docs["whole"][d] or cut == 0:
+        order = [(e, 0, None) for e in [*range(d, n_docs), *range(d)]]
+    else:  # tail: tokens [cut:], pairs [cut, n); head: tokens [:cut + 1], pairs [0, cut)
+        order = [(d, cut, None), *((e, 0, None) for e in [*range(d + 1, n_docs), *range(d)]), (d, 0, cut + 1)]
+    tokens, new_starts, loss_from, whole, nbytes = [], [0], [], [], []
+    for e, a, b in order:
+        ids = docs["tokens"][starts[e] : starts[e + 1]][a:b]
+        share = (len(ids) - 1) / pairs[e] if pairs[e] else 1.0
+        tokens.append(ids)
+        new_starts.append(new_starts[-1] + len(ids))
+        loss_from.append(max(int(docs["loss_from"][e]) - a, 1) if a == 0 else 1)
+        whole.append(bool(docs["whole"][e]))
+        nbytes.append(float(docs["bytes"][e]) * share)
+    return {
+        "tokens": np.concatenate(tokens).astype(np.int32),
+        "starts": np.asarray(new_starts, np.int64),
+        "loss_from": np.asarray(loss_from, np.int32),
+        "whole": np.asarray(whole, bool),
+        "bytes": np.asarray(nbytes, np.float64),
+    }
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -373,7 +409,7 @@ def eval_batches(
                 break
             mine = []
             for i, record in enumerate(x.source.read(unit)):
-                if not x.kept(unit, i, seed):
+                if not x.kept(unit, i):
                     continue
                 if first <= j % global_batch < first + local:
                     mine.append((j % global_batch - first, record))

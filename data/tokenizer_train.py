@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from etils import epath
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from podtrain.data import splits
+from podtrain.data import pipeline
 from podtrain.data.config import DataConfig
 from podtrain.data.tokenizer import EOS_TOKEN, HFTokenizer
 
@@ -30,8 +30,8 @@ MIN_VOCAB = {"bpe": 257, "unigram": 2}  # bpe: the 256 bytes and EOS; unigram: <
 
 
 def _train_documents(cfg: DataConfig) -> Iterator[str]:
-    """The training corpus, one document at a time: the train split cut at blank lines."""
-    yield from paragraphs(splits.texts(cfg, ("train",))["train"])
+    """The training documents (held-out ones excluded), streamed one at a time from the sources."""
+    yield from pipeline.texts(pipeline.inputs(cfg)[0])
 
 
 def paragraphs(text: str) -> Iterator[str]:

@@ -235,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     trn.add_argument("--vocab-size", type=int, required=True, help="ids in all, EOS (<|endoftext|>) included")
     trn.add_argument("--kind", default="bpe", help="bpe (byte-level BPE, as Llama 3) or unigram")
     trn.add_argument("--out", required=True, help="new directory for tokenizer.json and tokenizer_config.json")
-    trn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.dataset=text_files")
+    trn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.dataset=/data/train-*.jsonl")
     trn.set_defaults(func=_tokenizer_train)
     enc = verb.add_parser("encode", help="print a text's ids (no special tokens) as one JSON list")
     enc.add_argument("--tokenizer", required=True, help="tokenizer file or folder (a run's tokenizer/ folder too)")

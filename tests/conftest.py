@@ -32,6 +32,24 @@ def shakespeare_dir() -> Path:
     return SHAKESPEARE_DIR
 
 
+def heldout_folder(folder: Path, shakespeare_dir: Path) -> Path:
+    """Fine-tuning text: tiny-shakespeare's test split (never pretrained on: the last 5% of
+    input.txt, as data/tiny_shakespeare.py splits it), cut 80/20 into train.txt and validation.txt."""
+    text = (shakespeare_dir / "input.txt").read_text(encoding="utf-8")
+    rest = text[int(len(text) * 0.9) :]
+    test = rest[int(len(rest) * 0.5) :]
+    folder.mkdir(parents=True, exist_ok=True)
+    cut = int(len(test) * 0.8)
+    (folder / "train.txt").write_text(test[:cut])
+    (folder / "validation.txt").write_text(test[cut:])
+    return folder
+
+
+def heldout_data(folder: Path) -> list[str]:
+    """The overrides that fine-tune on heldout_folder's files."""
+    return [f"data.dataset={folder}/train.txt", f"data.validation={folder}/validation.txt"]
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory, shakespeare_dir) -> Path:
     """tiny_shakespeare built once per test process as ArrayRecord, offline."""

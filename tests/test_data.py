@@ -154,8 +154,8 @@ def test_holdout_documents_never_train():
     source = corpus(units=5)
     heldout = pipeline.Input(source, holdout=0.3, keep="heldout")
     rest = pipeline.Input(source, holdout=0.3, keep="rest")
-    held = set(pipeline.texts([heldout], 0))
-    trained = set(pipeline.texts([rest], 0))
+    held = set(pipeline.texts([heldout]))
+    trained = set(pipeline.texts([rest]))
     assert held and trained and not held & trained
     assert held | trained == {r["text"] for u in source.units for r in u}
 
@@ -212,3 +212,18 @@ def test_changing_document_a_leaves_document_b_bit_identical():
 def test_dataset_names_of_the_old_layout_are_refused_with_what_is_accepted():
     with pytest.raises(ValueError, match=r"data.dataset='jsonl'.*tfds:NAME"):
         DataConfig(dataset="jsonl")
+
+
+def test_one_long_document_gives_every_stream_its_own_start_and_loses_no_pair():
+    text = "".join(ALPHABET[i] for i in np.random.default_rng(3).integers(0, 27, 500))
+    batch = next(pipeline.Batches([pipeline.Input(Units([[{"text": text}]]))], TOK, T, B, 0))
+    assert len({bytes(r) for r in batch["inputs"]}) == B  # not four copies of one row
+    docs = pipeline.documents(TOK, [{"text": text}], "text", "memory")
+    turned = pipeline.rotate(docs, np.random.default_rng(0))
+    pairs = {(int(a), int(b), i) for i, (a, b) in enumerate(zip(docs["tokens"][:-1], docs["tokens"][1:]))}
+    got = []
+    for d in range(len(turned["loss_from"])):
+        ids = turned["tokens"][turned["starts"][d] : turned["starts"][d + 1]]
+        got += list(zip(ids[:-1].tolist(), ids[1:].tolist()))
+    assert len(got) == len(pairs) and sorted(got) == sorted((a, b) for a, b, _ in pairs)
+    assert turned["bytes"].sum() == pytest.approx(docs["bytes"].sum())

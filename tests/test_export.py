@@ -23,6 +23,8 @@ from podtrain.launch import cli  # noqa: E402
 from podtrain.train import config as configs  # noqa: E402
 from podtrain.train.config import ConfigError  # noqa: E402
 
+from conftest import heldout_data, heldout_folder  # noqa: E402
+
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 65 characters
 TOL = 1e-5
 
@@ -353,21 +355,12 @@ def hf_greedy(directory, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(out[0].tolist())
 
 
-def heldout_dir(tmp_path, tfds_dir):
-    """Fine-tuning text: tiny shakespeare's test split (never pretrained on), cut 80/20."""
-    from podtrain.data import splits
-    from podtrain.data.config import DataConfig
-
-    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
-    held = tmp_path / "heldout"
-    held.mkdir()
-    (held / "train.txt").write_text(text[: int(len(text) * 0.8)])
-    (held / "validation.txt").write_text(text[int(len(text) * 0.8) :])
-    return held
+def heldout_dir(tmp_path, shakespeare_dir):
+    return heldout_folder(tmp_path / "heldout", shakespeare_dir)
 
 
 @pytest.mark.slow
-def test_pretrain_finetune_export_gives_the_same_greedy_text(tiny_config, tmp_path, tfds_dir):
+def test_pretrain_finetune_export_gives_the_same_greedy_text(tiny_config, tmp_path, shakespeare_dir):
     """Pretrain on tiny shakespeare, fine-tune (full, and LoRA), export, and run in transformers:
     greedy text equal to `podtrain sample --temperature 0` (within the trained context, where both
     see every token), and LoRA runs export their merged weights."""
@@ -377,10 +370,9 @@ def test_pretrain_finetune_export_gives_the_same_greedy_text(tiny_config, tmp_pa
     model = ("data.seq_len=48", "train.lr=1e-2", "train.min_lr=1e-3")
     base = tiny_config(*model, "train.steps=150", "train.eval_every=150")
     loop.pretrain(base)
-    held = heldout_dir(tmp_path, tfds_dir)
+    held = heldout_dir(tmp_path, shakespeare_dir)
     tune = (
-        "data.dataset=text_files",
-        f"data.manual_dir={held}",
+        *heldout_data(held),
         f"finetune.init_from={base.run.dir}",
         "train.steps=10",
         "train.eval_every=10",
@@ -414,7 +406,7 @@ def test_imported_model_can_be_fine_tuned_sampled_and_exported(tmp_path, tfds_di
     export.export(tmp_path / "run", tmp_path / "hf")
     run = export.import_hf(tmp_path / "hf", tmp_path / "imported", ["data.seq_len=32"])
     assert generate.sample_run(run, "ROMEO:", 8, temperature=0).startswith("ROMEO:")
-    held = heldout_dir(tmp_path, tfds_dir)
+    held = heldout_dir(tmp_path, shakespeare_dir)
     model = [f"model.{k}={v}" for k, v in configs.to_dict(cfg)["model"].items()]
     ft = configs.load(
         None,
@@ -422,8 +414,7 @@ def test_imported_model_can_be_fine_tuned_sampled_and_exported(tmp_path, tfds_di
         + [
             "data.seq_len=32",
             "data.eval_batches=2",
-            "data.dataset=text_files",
-            f"data.manual_dir={held}",
+            *heldout_data(held),
             f"data.data_dir={tfds_dir}",
             "train.steps=3",
             "train.eval_every=3",
@@ -733,7 +724,7 @@ def test_moe_pretrain_finetune_export_greedy_text_matches_transformers(tmp_path,
                 str(ROOT / "configs" / "shakespeare_char_ft.yaml"),
                 *where,
                 *same_model,
-                f"data.manual_dir={heldout_dir(tmp_path, tfds_dir)}",
+                *heldout_data(heldout_dir(tmp_path, shakespeare_dir)),
                 f"finetune.init_from={base_dir}",
                 "train.steps=20",
                 "train.eval_every=20",

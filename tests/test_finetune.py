@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from podtrain.data import packing, splits
-from podtrain.data.config import DataConfig
+from podtrain.data import pipeline
 from podtrain.data.tokenizer import CharTokenizer
 from podtrain.launch import cli
 from podtrain.model import Transformer
@@ -19,6 +18,7 @@ from podtrain.train import config as configs
 from podtrain.train.config import ConfigError
 
 import conftest
+from conftest import heldout_data, heldout_folder
 
 TINY = [*conftest.TINY, "mesh.devices=1"]
 
@@ -30,13 +30,7 @@ def base_run(tmp_path_factory, tfds_dir, shakespeare_dir):
     data = [f"data.data_dir={tfds_dir}", f"data.manual_dir={shakespeare_dir}"]
     cfg = configs.load(None, TINY + data + ["train.steps=30", "train.eval_every=30", f"run.dir={tmp / 'run'}"])
     result = loop.pretrain(cfg)
-    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
-    held = tmp / "heldout"
-    held.mkdir()
-    cut = int(len(text) * 0.8)
-    (held / "train.txt").write_text(text[:cut])
-    (held / "validation.txt").write_text(text[cut:])
-    return tmp / "run", result["state"].params, held
+    return tmp / "run", result["state"].params, heldout_folder(tmp / "heldout", shakespeare_dir)
 
 
 def _ft_config(base_run, tmp_path, tfds_dir, *overrides):
@@ -46,8 +40,7 @@ def _ft_config(base_run, tmp_path, tfds_dir, *overrides):
         TINY
         + [
             f"data.data_dir={tfds_dir}",
-            "data.dataset=text_files",
-            f"data.manual_dir={held}",
+            *heldout_data(held),
             "train.steps=6",
             "train.eval_every=6",
             f"run.dir={tmp_path / 'ft'}",
@@ -138,10 +131,11 @@ def _check_plain_model_loss(cfg, result):
 
     cfg = loop.resolve(cfg, 66)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
-    _, val = finetune.load_data(cfg, tokenizer.load_run(cfg.run.dir), 0, 1)
+    train_batches, val, _ = finetune.load_data(cfg, tokenizer.load_run(cfg.run.dir), 0, 1)
+    train_batches.close()
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     params = jax.device_put(result["params"], lay.params)
-    loss = loop.evaluate(steps.make_eval_step(lay), params, batches)
+    loss, _ = loop.evaluate(steps.make_eval_step(lay), params, batches)
     np.testing.assert_allclose(loss, result["val_loss"], rtol=1e-5)
 
 
@@ -173,8 +167,8 @@ def test_tokenizer_mismatch_lists_the_characters(base_run, tmp_path, tfds_dir):
     held.mkdir()
     (held / "train.txt").write_text("To be, or not to be: 1 + 2 = 3 €\n" * 50)
     (held / "validation.txt").write_text("that is the question\n" * 50)
-    cfg = _ft_config(base_run, tmp_path, tfds_dir, f"data.manual_dir={held}")
-    with pytest.raises(ConfigError, match=r"data train split: .*'\+12=€'"):
+    cfg = _ft_config(base_run, tmp_path, tfds_dir, *heldout_data(held))
+    with pytest.raises(ConfigError, match=r"data train document 0: .*'\+12=€'"):
         finetune.finetune(cfg)
     with pytest.raises(ConfigError, match="data.tokenizer='byte' does not match the base run's 'char'"):
         finetune.finetune(_ft_config(base_run, tmp_path, tfds_dir, "data.tokenizer=byte"))
@@ -215,21 +209,23 @@ def test_init_from_a_step_and_bad_values(base_run, tmp_path, tfds_dir):
 
 def test_packing_masks_prompts_and_separates_examples():
     tok = CharTokenizer("abcdefgh|")
-    examples = packing.encode(
-        tok,
-        [
-            {"prompt": "ab|", "completion": "cd"},
-            {"prompt": "e|", "completion": "fgh"},
-            {"prompt": "h|", "completion": "a"},
-        ],
-    )
-    rows = packing.pack(examples, seq_len=8)
-    # example lengths (inputs) 4, 4, 2: the first two fill row 0, the third starts row 1
-    np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 0, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 0, 1, 2, 3])
-    assert tok.decode(rows["inputs"][0]) == "ab|ce|fg" and tok.decode(rows["targets"][0]) == "b|cd|fgh"
-    # weight 1 exactly where the target is a completion character
-    np.testing.assert_array_equal(rows["weights"], [[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0, 0, 0]])
+    records = [
+        {"prompt": "ab|", "completion": "cd"},
+        {"prompt": "e|", "completion": "fgh"},
+        {"prompt": "h|", "completion": "a"},
+    ]
+    docs = pipeline.documents(tok, records, "text", "memory")
+    packer = pipeline._Packer(9, lambda k: docs if k == 0 else None)
+    rows = [packer.row()[0] for _ in range(2)]
+    # example pairs 4 + 1 (EOS), 4 + 1, 2 + 1: the first fills row 0 but for 4, so the second starts row 1
+    seg = np.stack([r["segment_ids"] for r in rows])
+    np.testing.assert_array_equal(seg, [[1, 1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 2, 2, 2, 0]])
+    eos = tok.decode([tok.eos_id])
+    assert tok.decode(rows[0]["inputs"][:5]) == "ab|cd" and tok.decode(rows[0]["targets"][:4]) + eos == "b|cd"
+    assert rows[0]["targets"][4] == tok.eos_id
+    # weight 1 exactly where the target is a completion character or the EOS
+    np.testing.assert_array_equal(rows[0]["weights"], [0, 0, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(rows[1]["weights"], [0, 1, 1, 1, 1, 0, 1, 1, 0])
 
 
 def test_packed_logits_equal_each_example_alone():
@@ -244,8 +240,15 @@ def test_packed_logits_equal_each_example_alone():
     rng = np.random.default_rng(0)
     lengths = [5, 3, 4]
     examples = [rng.integers(0, 11, n + 1).astype(np.int32) for n in lengths]
-    rows = packing.pack([(ex, 1) for ex in examples], seq_len=12)
-    assert rows["inputs"].shape == (1, 12)
+    docs = {
+        "tokens": np.concatenate(examples),
+        "starts": np.cumsum([0] + [n + 1 for n in lengths]),
+        "loss_from": np.ones(3, np.int32),
+        "whole": np.ones(3, bool),
+        "bytes": np.ones(3),
+    }
+    row = pipeline._Packer(12, lambda k: docs if k == 0 else None).row()[0]
+    rows = {k: v[None] for k, v in row.items()}
     packed = model(
         jnp.asarray(rows["inputs"]),
         positions_BT=jnp.asarray(rows["positions"]),
@@ -279,8 +282,8 @@ def test_jsonl_finetune_learns_completions(base_run, tmp_path, tfds_dir):
         base_run,
         tmp_path,
         tfds_dir,
-        "data.dataset=jsonl",
-        f"data.manual_dir={folder}",
+        f"data.dataset={folder}/train.jsonl",
+        f"data.validation={folder}/validation.jsonl",
         "data.seq_len=32",
         "train.steps=30",
         "train.eval_every=5",
@@ -306,5 +309,5 @@ def test_shipped_finetune_config_loads():
     from pathlib import Path
 
     cfg = configs.load(Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char_ft.yaml")
-    assert cfg.finetune.init_from and cfg.data.dataset == "text_files"
+    assert cfg.finetune.init_from and cfg.data.dataset.endswith("heldout/train.txt")
     assert cfg.model == configs.load(Path(__file__).resolve().parent.parent / "configs" / "shakespeare_char.yaml").model

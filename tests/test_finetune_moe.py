@@ -5,8 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from podtrain.data import splits, tokenizer
-from podtrain.data.config import DataConfig
+from podtrain.data import tokenizer
 from podtrain.parallel import mesh as meshes
 from podtrain.parallel import rules
 from podtrain.train import adapters, finetune, integrity, loop, optim
@@ -17,6 +16,7 @@ from podtrain.train import step as steps
 from podtrain.train.config import ConfigError
 
 import conftest
+from conftest import heldout_data, heldout_folder
 
 TINY = [*conftest.TINY, "mesh.devices=1"]
 # DeepSeek-V3-style routing: the router bias (a buffer, not a parameter) picks the experts
@@ -45,12 +45,7 @@ def moe_base(tmp_path_factory, tfds_dir, shakespeare_dir):
         None, TINY + MOE + data + ["train.steps=9", "train.eval_every=9", "train.lr=1e-2", f"run.dir={tmp / 'run'}"]
     )
     state = loop.pretrain(cfg)["state"]
-    text = splits.split_text(splits.prepare(DataConfig(data_dir=str(tfds_dir))), "test")
-    held = tmp / "heldout"
-    held.mkdir()
-    cut = int(len(text) * 0.8)
-    (held / "train.txt").write_text(text[:cut])
-    (held / "validation.txt").write_text(text[cut:])
+    held = heldout_folder(tmp / "heldout", shakespeare_dir)
     return tmp / "run", _host(state.params), _host(state.buffers), held
 
 
@@ -62,8 +57,7 @@ def _ft_config(moe_base, tmp_path, tfds_dir, *overrides):
         + MOE
         + [
             f"data.data_dir={tfds_dir}",
-            "data.dataset=text_files",
-            f"data.manual_dir={held}",
+            *heldout_data(held),
             "train.steps=4",
             "train.eval_every=4",
             f"run.dir={tmp_path / 'ft'}",
@@ -212,7 +206,7 @@ def test_shipped_moe_finetune_config_matches_its_pretrain():
 
     root = Path(__file__).resolve().parent.parent / "configs"
     ft, base = configs.load(root / "shakespeare_moe_ft.yaml"), configs.load(root / "shakespeare_moe.yaml")
-    assert ft.finetune.init_from and ft.data.dataset == "text_files"
+    assert ft.finetune.init_from and ft.data.dataset.endswith("heldout/train.txt")
     assert ft.model == base.model
 
 

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import sentencepiece  # noqa: E402
 import transformers  # noqa: E402
 
-from podtrain.data import DatasetUnavailable, splits, tokenizer, tokenizer_train  # noqa: E402
+from podtrain.data import DatasetUnavailable, sources, tokenizer, tokenizer_train  # noqa: E402
 from podtrain.data.config import DataConfig  # noqa: E402
 from podtrain.launch import cli  # noqa: E402
 from podtrain.model.config import resolved_vocab  # noqa: E402
@@ -26,8 +26,13 @@ SAMPLE = "First Citizen:\nBefore we  proceed any further, hear me speak.\n\nAll:
 
 @pytest.fixture(scope="module")
 def data(tfds_dir, shakespeare_dir) -> dict[str, str]:
+    """{split: its whole text}: the speeches (one record each) joined at the blank lines that separate them."""
     cfg = DataConfig(manual_dir=str(shakespeare_dir), data_dir=str(tfds_dir))
-    return splits.texts(cfg, ("train", "validation"))
+    out = {}
+    for split in ("train", "validation"):
+        source = sources.open_source("tiny_shakespeare", split, cfg)
+        out[split] = "\n\n".join(r["text"] for u in range(len(source)) for r in source.read(u))
+    return out
 
 
 @pytest.fixture(scope="module")

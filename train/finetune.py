@@ -130,7 +130,7 @@ def load_data(cfg: Config, tok, part: int, parts: int):
     if tok.kind == "char":
         train_in, val_in = pipeline.inputs(cfg.data)
         for split, ins in (("train", train_in), ("validation", val_in)):
-            for i, text in enumerate(pipeline.texts(ins, cfg.train.seed)):
+            for i, text in enumerate(pipeline.texts(ins)):
                 try:
                     tok.encode(text)
                 except ValueError as e:

@@ -32,7 +32,7 @@ def load_data(cfg: Config, tok=None, part: int = 0, parts: int = 1):
     data, t, bs, seed = cfg.data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed
     train_in, val_in = pipeline.inputs(data)
     if tok is None:
-        tok = tokenizer.from_config(data.tokenizer, lambda: pipeline.texts(train_in, seed))
+        tok = tokenizer.from_config(data.tokenizer, lambda: pipeline.texts(train_in))
     val, nbytes = pipeline.eval_batches(val_in, tok, t, bs, data.eval_batches, seed, part, parts)
     batches = pipeline.Batches(train_in, tok, t, bs, seed, part, parts, data.workers)
     batches.check()
