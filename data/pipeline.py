@@ -50,10 +50,28 @@ class Input:
     holdout: float = 0.0
     keep: str = "all"  # 'all' | 'rest' | 'heldout'
 
-    def kept(self, unit: int, index: int) -> bool:
+    def unit_kept(self, unit: int) -> bool | None:
+        """True: every document of the unit is kept; False: none (the unit need not be read); None:
+        decided per document. A source of at least 1/holdout units holds out whole units, so that
+        validation reads only those (a web corpus's 0.1% is whole files' worth, found without a scan);
+        a smaller one holds out documents. Neither depends on train.seed: every run validates alike."""
         if self.keep == "all" or self.holdout <= 0:
-            return True  # the held-out choice does not depend on train.seed: every run validates alike
+            return True
+        if self.holdout * len(self.source) >= 1:
+            return sources_lib.is_heldout(unit, -1, self.holdout, HOLDOUT_SEED) == (self.keep == "heldout")
+        return None
+
+    def kept(self, unit: int, index: int) -> bool:
+        whole = self.unit_kept(unit)
+        if whole is not None:
+            return whole
         return sources_lib.is_heldout(unit, index, self.holdout, HOLDOUT_SEED) == (self.keep == "heldout")
+
+    def read(self, unit: int) -> list[dict]:
+        """The unit's kept records."""
+        if self.unit_kept(unit) is False:
+            return []
+        return [r for j, r in enumerate(self.source.read(unit)) if self.kept(unit, j)]
 
 
 def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
@@ -85,10 +103,10 @@ def texts(ins: list[Input]) -> Iterator[str]:
     """Every kept document's text, in source order (a char tokenizer's vocabulary)."""
     for x in ins:
         for unit in range(len(x.source)):
-            for i, record in enumerate(x.source.read(unit)):
-                if x.kept(unit, i) and "prompt" not in record and "messages" not in record:
+            for record in x.read(unit):
+                if "prompt" not in record and "messages" not in record:
                     yield sources_lib.record_text(record, x.text_key, record.get("_where", x.source.name))
-                elif x.kept(unit, i):
+                else:
                     yield from (str(v) for k, v in record.items() if k in ("prompt", "completion"))
 
 
@@ -182,7 +200,7 @@ class _ReadSlot:
         g = self.global_slot(int(i))
         s, unit = self.table[g]
         x = self.ins[s]
-        records = [r for j, r in enumerate(x.source.read(unit)) if x.kept(unit, j)]
+        records = x.read(unit)
         rng = np.random.default_rng([self.seed, g])
         order = rng.permutation(len(records))
         return int(i), rotate(documents(self.tok, [records[j] for j in order], x.text_key, x.source.name), rng)
@@ -408,9 +426,7 @@ def eval_batches(
             if have.min() >= want:
                 break
             mine = []
-            for i, record in enumerate(x.source.read(unit)):
-                if not x.kept(unit, i):
-                    continue
+            for record in x.read(unit):
                 if first <= j % global_batch < first + local:
                     mine.append((j % global_batch - first, record))
                 j += 1

@@ -227,3 +227,12 @@ def test_one_long_document_gives_every_stream_its_own_start_and_loses_no_pair():
         got += list(zip(ids[:-1].tolist(), ids[1:].tolist()))
     assert len(got) == len(pairs) and sorted(got) == sorted((a, b) for a, b, _ in pairs)
     assert turned["bytes"].sum() == pytest.approx(docs["bytes"].sum())
+
+
+def test_a_large_source_holds_out_whole_units_that_training_never_reads():
+    source = corpus(units=40)
+    heldout = pipeline.Input(source, holdout=0.1, keep="heldout")
+    rest = pipeline.Input(source, holdout=0.1, keep="rest")
+    held_units = [u for u in range(40) if heldout.unit_kept(u)]
+    assert held_units and all(rest.unit_kept(u) is False for u in held_units)
+    assert all(rest.unit_kept(u) and heldout.read(u) == [] for u in range(40) if u not in held_units)
