@@ -4,7 +4,8 @@ The global batch has B rows; row r of every batch comes from stream r. The corpu
 global slots g = 0, 1, 2, ...; slot g names one unit of one source (data/sources.py): each source's
 units in an order Grain shuffles anew every epoch, several sources mixed by weight with Grain's
 `MapDataset.mix`. Stream r reads slots r, r+B, r+2B, ...: a slot's documents, in an order shuffled
-with a seed of g, are tokenized ([bos] + ids + [eos]) and packed one after another into rows of
+with a seed of g, are tokenized ([bos] + ids + [eos]; or read as tokens from the source's
+pre-tokenized cache, data/cache.py, which gives the same) and packed one after another into rows of
 seq_len positions (concat-then-split: a text document continues in the stream's next row;
 fine-tuning examples are placed whole, in a new row when the next one does not fit). Each document
 piece in a row has its own segment id (1, 2, ...; 0 is padding, weight 0) and positions restarting
@@ -19,6 +20,7 @@ sees exactly the batches of an uninterrupted one, on any process count.
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import grain
@@ -41,6 +43,7 @@ class Input:
     text_key: str = "text"
     holdout: float = 0.0
     keep: str = "all"  # 'all' | 'rest' | 'heldout'
+    cache: object = None  # a data/cache.py Cache of exactly these documents: read instead of the source
 
     def kept(self, unit: int, index: int, seed: int) -> bool:
         if self.keep == "all" or self.holdout <= 0:
@@ -67,7 +70,9 @@ def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
             else:
                 val.append(Input(source, 1.0, e.text_key, holdout, "heldout"))
     if cfg.validation and not cfg.validation.startswith("split:"):
-        val = [Input(sources_lib.open_source(cfg.validation, "validation", cfg, key="data.validation"), 1.0, cfg.text_key)]
+        val = [
+            Input(sources_lib.open_source(cfg.validation, "validation", cfg, key="data.validation"), 1.0, cfg.text_key)
+        ]
     return train, val
 
 
@@ -126,6 +131,34 @@ def documents(tok, records: list[dict], text_key: str, where: str) -> dict[str, 
     }
 
 
+def select(docs: dict[str, np.ndarray], order) -> dict[str, np.ndarray]:
+    """`documents(...)` of the records `order` picks (indices into docs' records), in that order:
+    what documents() of those records gives, as every document is tokenized on its own."""
+    order = np.asarray(order, np.int64)
+    starts = docs["starts"]
+    lengths = starts[order + 1] - starts[order]
+    picked = [docs["tokens"][starts[i] : starts[i + 1]] for i in order]
+    out_starts = np.zeros(len(order) + 1, np.int64)
+    out_starts[1:] = np.cumsum(lengths)
+    return {
+        "tokens": np.concatenate(picked).astype(np.int32) if picked else np.zeros(0, np.int32),
+        "starts": out_starts,
+        "loss_from": docs["loss_from"][order],
+        "whole": docs["whole"][order],
+        "bytes": docs["bytes"][order],
+    }
+
+
+def unit_documents(x: Input, tok, unit: int, seed: int) -> tuple[int, Callable[[list[int]], dict[str, np.ndarray]]]:
+    """(n, pick): the unit's n kept records, and pick(order) = documents() of those records in
+    that order. With a cache the tokens come from it: the source is not read and nothing is tokenized."""
+    if x.cache is not None:
+        docs = x.cache.read(unit)
+        return len(docs["loss_from"]), lambda order: select(docs, order)
+    records = [r for j, r in enumerate(x.source.read(unit)) if x.kept(unit, j, seed)]
+    return len(records), lambda order: documents(tok, [records[j] for j in order], x.text_key, x.source.name)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Slots:
     """Global slot g -> (input index, unit): per input, its units shuffled anew each epoch, mixed by weight."""
@@ -171,10 +204,8 @@ class _ReadSlot:
             self.table = self.slots.table()
         g = self.global_slot(int(i))
         s, unit = self.table[g]
-        x = self.ins[s]
-        records = [r for j, r in enumerate(x.source.read(unit)) if x.kept(unit, j, self.seed)]
-        order = np.random.default_rng([self.seed, g]).permutation(len(records))
-        return int(i), documents(self.tok, [records[j] for j in order], x.text_key, x.source.name)
+        n, pick = unit_documents(self.ins[s], self.tok, unit, self.seed)
+        return int(i), pick(np.random.default_rng([self.seed, g]).permutation(n))
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -247,20 +278,19 @@ class Batches(grain.DatasetIterator):
     def _start(self, positions: dict[int, list[int]]) -> None:
         n = len(self.streams)
         self.packers = []
-        for l, r in enumerate(self.streams):
-            self.packers.append(_Packer(self.seq_len, lambda k, l=l: self._fetch(l, k), tuple(positions[r])))
+        for stream, r in enumerate(self.streams):
+            self.packers.append(_Packer(self.seq_len, functools.partial(self._fetch, stream), tuple(positions[r])))
         self.pending: list[dict[int, dict]] = [{} for _ in self.streams]
-        first = min(p.k * n + l for l, p in enumerate(self.packers))
+        first = min(p.k * n + stream for stream, p in enumerate(self.packers))
         self._close_source()
         ds = grain.MapDataset.range(first, 2**62).map(self.read)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * n))
         if self.workers:
-            _absl_flags_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+            ds = with_workers(ds, self.workers)
         self.source = iter(ds)
 
-    def _fetch(self, l: int, k: int) -> dict[str, np.ndarray]:
-        n, pending = len(self.streams), self.pending[l]
+    def _fetch(self, stream: int, k: int) -> dict[str, np.ndarray]:
+        n, pending = len(self.streams), self.pending[stream]
         for old in [key for key in pending if key < k]:
             del pending[old]  # the stream has moved past it
         while k not in pending:
@@ -276,7 +306,11 @@ class Batches(grain.DatasetIterator):
             self.read(i)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return _stack([p.row()[0] for p in self.packers])
+        try:
+            return _stack([p.row()[0] for p in self.packers])
+        except BaseException:  # a DataError of a later unit (re-raised by Grain as it is): stop the workers
+            self.close()
+            raise
 
     def get_state(self) -> dict:
         return {"streams": {str(r): p.state for r, p in zip(self.streams, self.packers)}}
@@ -298,19 +332,33 @@ class Batches(grain.DatasetIterator):
         self.source = None
 
 
-def _absl_flags_parsed() -> None:
-    """Grain's worker processes read absl flags, which a program that is not an absl app never parses."""
+def with_workers(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+    """ds computed ahead in `workers` Grain worker processes.
+
+    Arrays come back pickled through the queue rather than in shared memory: Grain unlinks a shared
+    block in a background thread once the array is collected, so blocks still held at exit (slots
+    read ahead) leak and Python warns about them on stderr. A slot's arrays are small (~1 MB).
+    """
     from absl import flags
 
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags, which a non-absl program never parses
         flags.FLAGS.mark_as_parsed()
+    ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
 
 
 # -- validation -------------------------------------------------------------------------------
 
 
 def eval_batches(
-    ins: list[Input], tok, seq_len: int, global_batch: int, num_batches: int, seed: int, process_index=0, process_count=1
+    ins: list[Input],
+    tok,
+    seq_len: int,
+    global_batch: int,
+    num_batches: int,
+    seed: int,
+    process_index=0,
+    process_count=1,
 ) -> tuple[list[dict[str, np.ndarray]], float]:
     """(the fixed validation set as num_batches per-process batches, UTF-8 bytes of the text it covers).
 
@@ -329,23 +377,21 @@ def eval_batches(
         for unit in range(len(x.source)):
             if have.min() >= want:
                 break
-            mine = []
-            for i, record in enumerate(x.source.read(unit)):
-                if not x.kept(unit, i, seed):
-                    continue
-                if first <= j % global_batch < first + local:
-                    mine.append((j % global_batch - first, record))
-                j += 1
-            for l in range(local):
-                records = [r for s, r in mine if s == l]
-                if records and have[l] < want:
-                    d = documents(tok, records, x.text_key, x.source.name)
-                    docs[l].append(d)
-                    have[l] += len(d["tokens"])
+            n, pick = unit_documents(x, tok, unit, seed)
+            mine = [[] for _ in range(local)]
+            for i in range(n):
+                if first <= (j + i) % global_batch < first + local:
+                    mine[(j + i) % global_batch - first].append(i)
+            j += n
+            for stream in range(local):
+                if mine[stream] and have[stream] < want:
+                    d = pick(mine[stream])
+                    docs[stream].append(d)
+                    have[stream] += len(d["tokens"])
     rows, nbytes = [[] for _ in range(num_batches)], 0.0
-    for l in range(local):
-        parts = list(docs[l])
-        packer = _Packer(seq_len, lambda k: parts[k] if k < len(parts) else None)
+    for stream in range(local):
+        parts = list(docs[stream])
+        packer = _Packer(seq_len, lambda k, parts=parts: parts[k] if k < len(parts) else None)
         for b in range(num_batches):
             out = packer.row()
             if out is None:
