@@ -162,11 +162,11 @@ def test_unparseable_config_file(tmp_path, text):
 def test_run_dir_of_another_config_is_refused_and_left_alone(tmp_path):
     tok = tokenizer.CharTokenizer("abcde")
     run = loop.prepare_run_dir(configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=5"]), tok)
-    before = {p: p.read_bytes() for p in run.iterdir()}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # tokenizer/ too
     other = configs.load(None, [f"run.dir={tmp_path}/run", "model.vocab_size=5", "model.d_model=64"])
     with pytest.raises(ConfigError, match=r"model\.d_model: 128 -> 64"):
         loop.prepare_run_dir(other, tok)
-    assert {p: p.read_bytes() for p in run.iterdir()} == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_non_run_dir_is_refused(tmp_path):
