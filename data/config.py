@@ -77,6 +77,9 @@ class DataConfig:
     # each entry's weight is its share of the training units (~256 KiB of text each: data/sources.py)
     mixture: tuple[MixtureEntry, ...] = ()
     workers: int = 0  # tokenizing worker processes (0: in the training process)
+    # pre-tokenized caches (`podtrain data prepare`, data/cache.py): a folder of them ("": DATA_DIR/podtrain_cache),
+    # or one cache folder that training must use
+    cache: str = ""
 
     def __post_init__(self):
         check_dataset("data.dataset", self.dataset)

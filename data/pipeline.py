@@ -4,7 +4,8 @@ The global batch has B rows; row r of every batch comes from stream r. The corpu
 global slots g = 0, 1, 2, ...; slot g names one unit of one source (data/sources.py): each source's
 units in an order Grain shuffles anew every epoch, several sources mixed by weight with Grain's
 `MapDataset.mix`. Stream r reads slots r, r+B, r+2B, ...: a slot's documents, in an order shuffled
-with a seed of g, are tokenized ([bos] + ids + [eos]) and packed one after another into rows of
+with a seed of g, are tokenized ([bos] + ids + [eos]; or read as tokens from the source's
+pre-tokenized cache, data/cache.py, which gives the same) and packed one after another into rows of
 seq_len positions (concat-then-split: a text document continues in the stream's next row;
 fine-tuning examples are placed whole, in a new row when the next one does not fit). Each document
 piece in a row has its own segment id (1, 2, ...; 0 is padding, weight 0) and positions restarting
@@ -49,6 +50,7 @@ class Input:
     text_key: str = "text"
     holdout: float = 0.0
     keep: str = "all"  # 'all' | 'rest' | 'heldout'
+    cache: object = None  # a data/cache.py Cache of exactly these documents: read instead of the source
 
     def unit_kept(self, unit: int) -> bool | None:
         """True: every document of the unit is kept; False: none (the unit need not be read); None:
@@ -154,6 +156,34 @@ def documents(tok, records: list[dict], text_key: str, where: str) -> dict[str, 
     }
 
 
+def select(docs: dict[str, np.ndarray], order) -> dict[str, np.ndarray]:
+    """`documents(...)` of the records `order` picks (indices into docs' records), in that order:
+    what documents() of those records gives, as every document is tokenized on its own."""
+    order = np.asarray(order, np.int64)
+    starts = docs["starts"]
+    lengths = starts[order + 1] - starts[order]
+    picked = [docs["tokens"][starts[i] : starts[i + 1]] for i in order]
+    out_starts = np.zeros(len(order) + 1, np.int64)
+    out_starts[1:] = np.cumsum(lengths)
+    return {
+        "tokens": np.concatenate(picked).astype(np.int32) if picked else np.zeros(0, np.int32),
+        "starts": out_starts,
+        "loss_from": docs["loss_from"][order],
+        "whole": docs["whole"][order],
+        "bytes": docs["bytes"][order],
+    }
+
+
+def unit_documents(x: Input, tok, unit: int) -> tuple[int, Callable[[list[int]], dict[str, np.ndarray]]]:
+    """(n, pick): the unit's n kept records, and pick(order) = documents() of those records in
+    that order. With a cache the tokens come from it: the source is not read and nothing is tokenized."""
+    if x.cache is not None:
+        docs = x.cache.read(unit)
+        return len(docs["loss_from"]), lambda order: select(docs, order)
+    records = x.read(unit)
+    return len(records), lambda order: documents(tok, [records[j] for j in order], x.text_key, x.source.name)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Slots:
     """Global slot g -> (input index, unit): per input, its units shuffled anew each epoch, mixed by weight."""
@@ -199,11 +229,9 @@ class _ReadSlot:
             self.table = self.slots.table()
         g = self.global_slot(int(i))
         s, unit = self.table[g]
-        x = self.ins[s]
-        records = x.read(unit)
+        n, pick = unit_documents(self.ins[s], self.tok, unit)
         rng = np.random.default_rng([self.seed, g])
-        order = rng.permutation(len(records))
-        return int(i), rotate(documents(self.tok, [records[j] for j in order], x.text_key, x.source.name), rng)
+        return int(i), rotate(pick(rng.permutation(n)), rng)
 
 
 def rotate(docs: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -314,17 +342,15 @@ class Batches(grain.DatasetIterator):
     def _start(self, positions: dict[int, list[int]]) -> None:
         n = len(self.streams)
         self.packers = []
-        for s, r in enumerate(self.streams):
-            self.packers.append(_Packer(self.seq_len, functools.partial(self._fetch, s), tuple(positions[r])))
+        for stream, r in enumerate(self.streams):
+            self.packers.append(_Packer(self.seq_len, functools.partial(self._fetch, stream), tuple(positions[r])))
         self.pending: list[dict[int, dict]] = [{} for _ in self.streams]
-        first = min(p.k * n + s for s, p in enumerate(self.packers))
+        first = min(p.k * n + stream for stream, p in enumerate(self.packers))
         self._close_source()
         ds = grain.MapDataset.range(first, 2**62).map(self.read)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * n))
         if self.workers:
-            _absl_flags_parsed()
-            options = grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2)
-            ds = ds.mp_prefetch(options, worker_init_fn=_die_with_parent)
+            ds = with_workers(ds, self.workers)
         self.source = iter(ds)
 
     def _fetch(self, stream: int, k: int) -> dict[str, np.ndarray]:
@@ -345,7 +371,11 @@ class Batches(grain.DatasetIterator):
             self.read(i)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return _stack([p.row()[0] for p in self.packers])
+        try:
+            return _stack([p.row()[0] for p in self.packers])
+        except BaseException:  # a DataError of a later unit (re-raised by Grain as it is): stop the workers
+            self.close()
+            raise
 
     def get_state(self) -> dict:
         return {"streams": {str(r): p.state for r, p in zip(self.streams, self.packers)}}
@@ -387,12 +417,20 @@ def _die_with_parent(worker_index: int, worker_count: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _absl_flags_parsed() -> None:
-    """Grain's worker processes read absl flags, which a program that is not an absl app never parses."""
+def with_workers(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+    """ds computed ahead in `workers` Grain worker processes.
+
+    Arrays come back pickled through the queue rather than in shared memory: Grain unlinks a shared
+    block in a background thread once the array is collected, so blocks still held at exit (slots
+    read ahead) leak and Python warns about them on stderr. A slot's arrays are small (~1 MB).
+    """
     from absl import flags
 
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags, which a non-absl program never parses
         flags.FLAGS.mark_as_parsed()
+    ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+    return ds.mp_prefetch(options, worker_init_fn=_die_with_parent)
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -425,20 +463,20 @@ def eval_batches(
         for unit in range(len(x.source)):
             if have.min() >= want:
                 break
-            mine = []
-            for record in x.read(unit):
-                if first <= j % global_batch < first + local:
-                    mine.append((j % global_batch - first, record))
-                j += 1
-            for s in range(local):
-                records = [r for stream, r in mine if stream == s]
-                if records and have[s] < want:
-                    d = documents(tok, records, x.text_key, x.source.name)
-                    docs[s].append(d)
-                    have[s] += len(d["tokens"])
+            n, pick = unit_documents(x, tok, unit)
+            mine = [[] for _ in range(local)]
+            for i in range(n):
+                if first <= (j + i) % global_batch < first + local:
+                    mine[(j + i) % global_batch - first].append(i)
+            j += n
+            for stream in range(local):
+                if mine[stream] and have[stream] < want:
+                    d = pick(mine[stream])
+                    docs[stream].append(d)
+                    have[stream] += len(d["tokens"])
     rows, nbytes = [[] for _ in range(num_batches)], 0.0
-    for s in range(local):
-        packer = _Packer(seq_len, functools.partial(_nth, list(docs[s])))
+    for stream in range(local):
+        packer = _Packer(seq_len, functools.partial(_nth, list(docs[stream])))
         for b in range(num_batches):
             out = packer.row()
             if out is None:

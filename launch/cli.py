@@ -1,9 +1,10 @@
 """The `podtrain` command: parse, validate, call one library function.
 
-Bad input (config errors, missing dataset files, a run dir of another config) is reported in one
-line on stderr with exit code 2; a diverged run (train.max_bad_steps non-finite steps in a row)
-with exit code 1; a run stopped by SIGTERM after saving its current step exits with 143 (rerun the
-same command to resume); anything else is a bug and keeps its traceback.
+Bad input (config errors, missing or malformed dataset files, also a bad record that a Grain worker
+meets mid-run, a run dir of another config) is reported in one line on stderr with exit code 2; a
+diverged run (train.max_bad_steps non-finite steps in a row) with exit code 1; a run stopped by
+SIGTERM after saving its current step exits with 143 (rerun the same command to resume); anything
+else is a bug and keeps its traceback.
 """
 
 import argparse
@@ -140,6 +141,17 @@ def _tokenizer_train(args) -> None:
     print(f"wrote {args.out}: {tok.kind} {args.kind} tokenizer, {tok.vocab_size} ids, EOS id {tok.eos_id}")
 
 
+def _data_prepare(args) -> None:
+    from podtrain.train import config
+
+    cfg = config.load(args.config, args.overrides)
+    from podtrain.data import cache
+
+    for c in cache.prepare(cfg.data, progress=sys.stderr.isatty()):
+        what = "wrote" if c.written else "already prepared"
+        print(f"{what} {c.folder}: {c.source}, {c.units} units, {c.tokens:,} tokens")
+
+
 def _check_new_folder(out: str) -> None:
     from etils import epath
 
@@ -243,6 +255,15 @@ def parser() -> argparse.ArgumentParser:
     enc.add_argument("--file", help="a UTF-8 text file")
     enc.set_defaults(func=_tokenizer_encode)
 
+    dat = sub.add_parser("data", help="prepare the configured data ahead of training")
+    dverb = dat.add_subparsers(dest="verb", required=True)
+    prp = dverb.add_parser(
+        "prepare", help="build TFDS datasets and write the pre-tokenized cache (data.cache) that training reads"
+    )
+    prp.add_argument("--config", required=True, help="the run's YAML config: its data section and tokenizer")
+    prp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.workers=4 data.cache=/fast/cache")
+    prp.set_defaults(func=_data_prepare)
+
     exp = sub.add_parser("export", help="write a run's weights for transformers (hf) or as safetensors")
     exp.add_argument("run", help="run directory, optionally RUN_DIR:STEP (default: latest checkpoint)")
     exp.add_argument("--format", default="hf", help="hf (transformers) or safetensors (our names)")
@@ -262,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from podtrain.train.health import TrainingDiverged
 
+    command = " ".join(filter(None, (args.command, getattr(args, "verb", None))))  # podtrain data prepare
     try:
         return args.func(args) or 0
     except USER_ERRORS as e:
-        print(f"podtrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"podtrain {command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:  # not a bug and not bad input: the run itself failed
-        print(f"podtrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"podtrain {command}: error: {e}", file=sys.stderr)
         return 1
 
 

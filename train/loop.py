@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from podtrain.data import pipeline, tokenizer
+from podtrain.data import cache, pipeline, tokenizer
 from podtrain.model.config import resolved_vocab
 from podtrain.parallel import devices, distributed, rules
 from podtrain.train import checkpoint, moe_stats, optim, validate
@@ -33,6 +33,7 @@ def load_data(cfg: Config, tok=None, part: int = 0, parts: int = 1):
     train_in, val_in = pipeline.inputs(data)
     if tok is None:
         tok = tokenizer.from_config(data.tokenizer, lambda: pipeline.texts(train_in))
+    train_in, val_in = cache.attach([train_in, val_in], tok, data)
     val, nbytes = pipeline.eval_batches(val_in, tok, t, bs, data.eval_batches, seed, part, parts)
     batches = pipeline.Batches(train_in, tok, t, bs, seed, part, parts, data.workers)
     batches.check()
@@ -54,7 +55,7 @@ def prepare_run_dir(cfg: Config, tok) -> Path:
     saved = run_dir / "config.yaml"
     if saved.exists():
         old, new = (configs.flat(configs.to_dict(c)) for c in (configs.load(saved), cfg))
-        where = ("run.", "mesh.", "launch.")  # where it runs is not what it is
+        where = ("run.", "mesh.", "launch.", "data.cache")  # where it runs (and reads from) is not what it is
         diffs = [
             f"{key}: {old.get(key)!r} -> {new[key]!r}"
             for key in new
