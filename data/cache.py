@@ -43,7 +43,7 @@ FORMAT = 1  # of meta.json and the records; another value is refused with "delet
 META, UNITS = "meta.json", "units.array_record"
 FOLDER = "podtrain_cache"  # under data.data_dir when data.cache is ""
 SHOWN = 16  # hex digits of a fingerprint shown in messages and folder names
-DOC_KEYS = ("tokens", "starts", "loss_from", "whole", "bytes")
+DOC_KEYS = ("tokens", "starts", "loss_mask", "whole", "bytes")
 
 
 def root(data: DataConfig) -> epath.Path:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 import grain
 import numpy as np
 
+from podtrain.data import chat
 from podtrain.data import sources as sources_lib
 from podtrain.data.config import DataConfig, MixtureEntry
 
@@ -102,56 +103,71 @@ def inputs(cfg: DataConfig) -> tuple[list[Input], list[Input]]:
 
 
 def texts(ins: list[Input]) -> Iterator[str]:
-    """Every kept document's text, in source order (a char tokenizer's vocabulary)."""
+    """Every kept document's text, in source order (a char tokenizer's vocabulary, tokenizer
+    training): a text record's text, an example's prompt and completion, a chat's messages as
+    chat.text writes them."""
     for x in ins:
         for unit in range(len(x.source)):
             for record in x.read(unit):
-                if "prompt" not in record and "messages" not in record:
-                    yield sources_lib.record_text(record, x.text_key, record.get("_where", x.source.name))
+                where = record.get("_where", x.source.name)
+                kind = _kind(record)
+                if kind == "chat":
+                    yield chat.text(chat.messages(record, where))
+                elif kind == "example":
+                    yield from (str(record["prompt"]), str(record["completion"]))
                 else:
-                    yield from (str(v) for k, v in record.items() if k in ("prompt", "completion"))
+                    yield sources_lib.record_text(record, x.text_key, where)
 
 
 # -- documents ----------------------------------------------------------------------------------
 
 
+def _kind(record: dict) -> str:
+    if chat.is_chat(record):
+        return "chat"
+    return "example" if "prompt" in record and "completion" in record else "text"
+
+
 def documents(tok, records: list[dict], text_key: str, where: str) -> dict[str, np.ndarray]:
     """The records' token sequences, flat: 'tokens' (all documents' ids), 'starts' (n + 1 offsets),
-    'loss_from' (a target j of a document counts when j + 1 >= loss_from: completions only),
-    'whole' (placed whole in a row), 'bytes' (UTF-8 bytes of its text)."""
-    texts_, ends, examples = [], [], []
-    for r in records:
-        if "prompt" in r and "completion" in r:
-            examples.append(len(texts_))
-            texts_.append(None)
-            ends.append(True)
-        else:
-            texts_.append(sources_lib.record_text(r, text_key, r.get("_where", where)))
-            ends.append(r.get("_end", True))
-    plain = [i for i, t in enumerate(texts_) if t is not None]
+    'loss_mask' (bool, aligned with 'tokens': whether the token counts as a target; a document's
+    first token never is one), 'whole' (placed whole in a row), 'bytes' (UTF-8 bytes of the text the
+    loss covers).
+
+    A record is text (record[text_key]: [bos if add_bos] + ids + [eos], every target counts; a .txt
+    piece with `_end` False gets no EOS), an example ('prompt' and 'completion': what transformers'
+    tokenizer(prompt) gives, then the completion's ids and EOS; the completion and EOS count) or a
+    chat ('messages': data/chat.py; the assistant turns and the final EOS count). Examples and chats
+    are placed whole in a row.
+    """
+    kinds = [_kind(r) for r in records]
+    plain = [i for i, k in enumerate(kinds) if k == "text"]
+    texts_ = {i: sources_lib.record_text(records[i], text_key, records[i].get("_where", where)) for i in plain}
     encoded = dict(zip(plain, tok.encode_batch([texts_[i] for i in plain]))) if plain else {}
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    seqs, loss_from, nbytes = [], [], []
-    for i, r in enumerate(records):
-        if i in encoded:
-            seqs.append(np.concatenate([bos, encoded[i], [tok.eos_id] if ends[i] else []]).astype(np.int32))
-            loss_from.append(1)
-            nbytes.append(len(texts_[i].encode("utf-8")))
-        else:
+    seqs, masks, nbytes = [], [], []
+    for i, (r, kind) in enumerate(zip(records, kinds)):
+        if kind == "text":
+            ids = np.concatenate([bos, encoded[i], [tok.eos_id] if r.get("_end", True) else []]).astype(np.int32)
+            mask, size = np.ones(len(ids), bool), len(texts_[i].encode("utf-8"))
+        elif kind == "example":
             prompt = tok.prompt(str(r["prompt"]))
-            completion = tok.encode(str(r["completion"]))
-            seqs.append(np.concatenate([prompt, completion, [tok.eos_id]]).astype(np.int32))
-            loss_from.append(len(prompt))
-            nbytes.append(len(str(r["completion"]).encode("utf-8")))
-    whole = np.zeros(len(records), bool)
-    whole[examples] = True
+            ids = np.concatenate([prompt, tok.encode(str(r["completion"])), [tok.eos_id]]).astype(np.int32)
+            mask, size = np.arange(len(ids)) >= len(prompt), len(str(r["completion"]).encode("utf-8"))
+        else:
+            at = r.get("_where", where)
+            ids, mask, size = chat.encode(tok, chat.messages(r, at), at)
+        mask[:1] = False
+        seqs.append(ids)
+        masks.append(mask)
+        nbytes.append(size)
     starts = np.zeros(len(seqs) + 1, np.int64)
     starts[1:] = np.cumsum([len(s) for s in seqs])
     return {
-        "tokens": np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
+        "tokens": np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32),
         "starts": starts,
-        "loss_from": np.asarray(loss_from, np.int32),
-        "whole": whole,
+        "loss_mask": np.concatenate(masks) if masks else np.zeros(0, bool),
+        "whole": np.asarray([k != "text" for k in kinds], bool),
         "bytes": np.asarray(nbytes, np.float64),
     }
 
@@ -163,12 +179,13 @@ def select(docs: dict[str, np.ndarray], order) -> dict[str, np.ndarray]:
     starts = docs["starts"]
     lengths = starts[order + 1] - starts[order]
     picked = [docs["tokens"][starts[i] : starts[i + 1]] for i in order]
+    masks = [docs["loss_mask"][starts[i] : starts[i + 1]] for i in order]
     out_starts = np.zeros(len(order) + 1, np.int64)
     out_starts[1:] = np.cumsum(lengths)
     return {
         "tokens": np.concatenate(picked).astype(np.int32) if picked else np.zeros(0, np.int32),
         "starts": out_starts,
-        "loss_from": docs["loss_from"][order],
+        "loss_mask": np.concatenate(masks) if masks else np.zeros(0, bool),
         "whole": docs["whole"][order],
         "bytes": docs["bytes"][order],
     }
@@ -179,7 +196,7 @@ def unit_documents(x: Input, tok, unit: int) -> tuple[int, Callable[[list[int]],
     that order. With a cache the tokens come from it: the source is not read and nothing is tokenized."""
     if x.cache is not None:
         docs = x.cache.read(unit)
-        return len(docs["loss_from"]), lambda order: select(docs, order)
+        return len(docs["whole"]), lambda order: select(docs, order)
     records = x.read(unit)
     return len(records), lambda order: documents(tok, [records[j] for j in order], x.text_key, x.source.name)
 
@@ -239,7 +256,7 @@ def rotate(docs: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, n
     and its head last (two pieces; an example is never cut, the cycle starts at it). Streams that
     read the same unit (a corpus of one long document) then start at different places; no pair is
     lost or repeated."""
-    starts, n_docs = docs["starts"], len(docs["loss_from"])
+    starts, n_docs = docs["starts"], len(docs["whole"])
     pairs = np.maximum(np.diff(starts) - 1, 0)
     if n_docs == 0 or pairs.sum() == 0:
         return docs
@@ -250,19 +267,20 @@ def rotate(docs: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, n
         order = [(e, 0, None) for e in [*range(d, n_docs), *range(d)]]
     else:  # tail: tokens [cut:], pairs [cut, n); head: tokens [:cut + 1], pairs [0, cut)
         order = [(d, cut, None), *((e, 0, None) for e in [*range(d + 1, n_docs), *range(d)]), (d, 0, cut + 1)]
-    tokens, new_starts, loss_from, whole, nbytes = [], [0], [], [], []
+    tokens, new_starts, masks, whole, nbytes = [], [0], [], [], []
     for e, a, b in order:
-        ids = docs["tokens"][starts[e] : starts[e + 1]][a:b]
+        doc = slice(starts[e], starts[e + 1])
+        ids, mask = docs["tokens"][doc][a:b], docs["loss_mask"][doc][a:b]
         share = (len(ids) - 1) / pairs[e] if pairs[e] else 1.0
         tokens.append(ids)
+        masks.append(mask)
         new_starts.append(new_starts[-1] + len(ids))
-        loss_from.append(max(int(docs["loss_from"][e]) - a, 1) if a == 0 else 1)
         whole.append(bool(docs["whole"][e]))
         nbytes.append(float(docs["bytes"][e]) * share)
     return {
         "tokens": np.concatenate(tokens).astype(np.int32),
         "starts": np.asarray(new_starts, np.int64),
-        "loss_from": np.asarray(loss_from, np.int32),
+        "loss_mask": np.concatenate(masks).astype(bool),
         "whole": np.asarray(whole, bool),
         "bytes": np.asarray(nbytes, np.float64),
     }
@@ -292,7 +310,7 @@ class _Packer:
             docs = self.fetch(self.k)
             if docs is None:
                 break
-            if self.d >= len(docs["loss_from"]):
+            if self.d >= len(docs["whole"]):
                 self.k, self.d, self.j = self.k + 1, 0, 0
                 continue
             a, b = docs["starts"][self.d], docs["starts"][self.d + 1]
@@ -307,7 +325,7 @@ class _Packer:
             span, src = slice(used, used + take), slice(a + self.j, a + self.j + take)
             row["inputs"][span] = docs["tokens"][src]
             row["targets"][span] = docs["tokens"][src.start + 1 : src.stop + 1]
-            row["weights"][span] = np.arange(self.j + 1, self.j + take + 1) >= docs["loss_from"][self.d]
+            row["weights"][span] = docs["loss_mask"][src.start + 1 : src.stop + 1]
             segment += 1
             row["segment_ids"][span], row["positions"][span] = segment, np.arange(take)
             nbytes += float(docs["bytes"][self.d]) * take / n

@@ -66,6 +66,13 @@ class Tokenizer:
         """[BOS if add_bos] + ids: what transformers' tokenizer(text) gives, and what sampling feeds."""
         return np.concatenate([_ids([self.bos_id] if self.add_bos else []), self.encode(text)])
 
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' text by transformers' names (bos_token, eos_token, pad_token, unk_token):
+        the variables a chat template reads, and text a rendered chat turns into their ids (data/chat.py).
+        Char and byte: EOS_TOKEN, the EOS name their exports give transformers."""
+        return {"eos_token": EOS_TOKEN}
+
     def decode(self, ids) -> str:
         """Text of `ids`; special tokens and ids past the vocabulary (padding rows of the embedding) are skipped."""
         return self._decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
@@ -209,11 +216,17 @@ class HFTokenizer(Tokenizer):
             self.bos_id = around[0]
         self.add_bos = bool(around) and around[0] == self.bos_id
         self.chat_template = template.decode("utf-8") if template else _template(config)
+        self._unk_id = self._special(config, "unk_token")
 
     def _special(self, config: dict, key: str) -> int | None:
         token = config.get(key)
         token = token.get("content") if isinstance(token, dict) else token
         return self._tok.token_to_id(token) if isinstance(token, str) else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id, "unk_token": self._unk_id}
+        return {k: self._tok.id_to_token(i) for k, i in ids.items() if i is not None}
 
     def _default_config(self) -> bytes:
         """A tokenizer_config.json that lets `transformers.AutoTokenizer` load tokenizer.json as it is."""
@@ -255,6 +268,16 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
         self.add_bos = self.bos_id is not None
         self.chat_template = _template(json.loads(config_json)) if config_json else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        ids = {
+            "bos_token": self.bos_id,
+            "eos_token": self.eos_id,
+            "pad_token": self.pad_id,
+            "unk_token": self._sp.unk_id(),
+        }
+        return {k: self._sp.id_to_piece(i) for k, i in ids.items() if i is not None and i >= 0}
 
     def encode(self, text: str) -> np.ndarray:
         return _ids(self._sp.encode(text))

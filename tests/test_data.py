@@ -222,7 +222,7 @@ def test_one_long_document_gives_every_stream_its_own_start_and_loses_no_pair():
     turned = pipeline.rotate(docs, np.random.default_rng(0))
     pairs = {(int(a), int(b), i) for i, (a, b) in enumerate(zip(docs["tokens"][:-1], docs["tokens"][1:]))}
     got = []
-    for d in range(len(turned["loss_from"])):
+    for d in range(len(turned["whole"])):
         ids = turned["tokens"][turned["starts"][d] : turned["starts"][d + 1]]
         got += list(zip(ids[:-1].tolist(), ids[1:].tolist()))
     assert len(got) == len(pairs) and sorted(got) == sorted((a, b) for a, b, _ in pairs)

@@ -243,7 +243,7 @@ def test_packed_logits_equal_each_example_alone():
     docs = {
         "tokens": np.concatenate(examples),
         "starts": np.cumsum([0] + [n + 1 for n in lengths]),
-        "loss_from": np.ones(3, np.int32),
+        "loss_mask": np.ones(sum(lengths) + 3, bool),
         "whole": np.ones(3, bool),
         "bytes": np.ones(3),
     }

@@ -10,7 +10,9 @@ only builds the adapter's layout, the data and the initial state; the steps run 
 loop (train/loop.py run_loop), so fine-tuning logs, evaluates, checkpoints and resumes like it.
 
 Data: any source pretraining reads (data/sources.py). Records with 'prompt' and 'completion' are
-examples (loss on the completion and its EOS only, placed whole in a row); others are text.
+examples (loss on the completion and its EOS only, placed whole in a row); records with 'messages'
+are chats, rendered with the tokenizer's chat template (loss on the assistant turns and the final
+EOS only, placed whole: data/chat.py); others are text.
 """
 
 from pathlib import Path
