@@ -75,7 +75,7 @@ def world(tmp_path_factory) -> dict:
 
     byte_cache = cache.prepare(base.data)[0].folder
     train_in, _ = pipeline.inputs(base.data)
-    char = tokenizer.from_config("char", lambda: pipeline.texts(train_in, base.train.seed))
+    char = tokenizer.from_config("char", lambda: pipeline.texts(train_in))
     return {
         "root": root, "good": good, "bad": bad, "late": late, "late_unit": unit, "latin1_offset": latin1.index(b"\xe9"),
         "byte_cache": byte_cache, "byte_fp": tokenizer.ByteTokenizer().fingerprint, "char_fp": char.fingerprint,

@@ -58,7 +58,7 @@ def test_training_reads_the_cache_and_sees_identical_batches(tiny_config, corpus
 
     tok_c, from_cache, val_c, nbytes_c = loop.load_data(cfg)
     assert tok_c == tok and all(x.cache is not None for x in from_cache.read.ins)
-    train_in, val_in = cache.attach(list(pipeline.inputs(cfg.data)), tok, cfg.data, cfg.train.seed)
+    train_in, val_in = cache.attach(list(pipeline.inputs(cfg.data)), tok, cfg.data)
 
     def unread(self, unit):
         raise AssertionError(f"{self.name} was read although its cache is there")
@@ -103,15 +103,15 @@ def test_a_cache_of_another_tokenizer_is_refused_when_named_and_left_alone_besid
 
     char_cfg = tiny_config(glob, "data.tokenizer=char", f"data.cache={root}")
     train_in, val_in = pipeline.inputs(char_cfg.data)
-    char = tokenizer.from_config("char", lambda: pipeline.texts(train_in, char_cfg.train.seed))
-    attached = cache.attach([train_in, val_in], char, char_cfg.data, char_cfg.train.seed)
+    char = tokenizer.from_config("char", lambda: pipeline.texts(train_in))
+    attached = cache.attach([train_in, val_in], char, char_cfg.data)
     assert all(x.cache is None for group in attached for x in group)  # read from the source, not from byte's
     note = capsys.readouterr().out
     assert "is read from its files" in note and byte_fp[:16] in note and char.fingerprint[:16] in note
 
     pinned = tiny_config(glob, "data.tokenizer=char", f"data.cache={folders[0]}")
     with pytest.raises(DataError) as e:
-        cache.attach([train_in, val_in], char, pinned.data, pinned.train.seed)
+        cache.attach([train_in, val_in], char, pinned.data)
     message = str(e.value)
     assert f"data.cache={folders[0]}" in message and "podtrain data prepare" in message
     assert byte_fp[:16] in message and char.fingerprint[:16] in message and "\n" not in message
@@ -119,10 +119,10 @@ def test_a_cache_of_another_tokenizer_is_refused_when_named_and_left_alone_besid
     other = tiny_config(f"data.dataset={corpus}/book.txt", "data.tokenizer=byte", f"data.cache={folders[0]}")
     train_b, val_b = pipeline.inputs(other.data)
     with pytest.raises(DataError, match="which this run does not read"):
-        cache.attach([train_b, val_b], tokenizer.ByteTokenizer(), other.data, other.train.seed)
+        cache.attach([train_b, val_b], tokenizer.ByteTokenizer(), other.data)
 
     same_tok = tiny_config(glob, "data.tokenizer=byte", f"data.cache={folders[0]}")
-    train_c, val_c = cache.attach(list(pipeline.inputs(same_tok.data)), tokenizer.ByteTokenizer(), same_tok.data, 0)
+    train_c, val_c = cache.attach(list(pipeline.inputs(same_tok.data)), tokenizer.ByteTokenizer(), same_tok.data)
     assert train_c[0].cache is not None and val_c[0].cache is None  # a named cache serves its own key only
 
 
@@ -146,7 +146,7 @@ def test_an_interrupted_prepare_leaves_nothing_that_looks_like_a_cache(tiny_conf
     tok = tokenizer.ByteTokenizer()
     # kill -9 before the rename: a complete-looking folder under a .tmp- name is never read
     os.rename(key, root / f".tmp-{key.name}-dead")
-    (train,), _ = cache.attach(list(pipeline.inputs(cfg.data)), tok, cfg.data, cfg.train.seed)
+    (train,), _ = cache.attach(list(pipeline.inputs(cfg.data)), tok, cfg.data)
     assert train.cache is None
 
     # a cache missing units (copied in part) is refused, naming the folder and the fix
@@ -158,7 +158,7 @@ def test_an_interrupted_prepare_leaves_nothing_that_looks_like_a_cache(tiny_conf
     writer.write(b"x")
     writer.close()
     with pytest.raises(DataError, match=f"holds 1 units of 5: delete {key}"):
-        cache.attach(list(pipeline.inputs(cfg.data)), tok, cfg.data, cfg.train.seed)
+        cache.attach(list(pipeline.inputs(cfg.data)), tok, cfg.data)
 
 
 def test_data_prepare_command_writes_what_training_reads(tiny_config, corpus, tmp_path):
