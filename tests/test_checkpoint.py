@@ -1,5 +1,6 @@
 """Checkpoint integrity: every kind of damage is detected, warned about, and an older step is used."""
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -120,7 +121,8 @@ def test_damage_is_detected_and_an_older_step_restored(kind, saved_run, tmp_path
     state = ckpts.resume(lay.abstract, data_iter)
     ckpts.close()
     want = 4 if kind == "leftover_tmp" else 2
-    assert int(state.step) == want and data_iter.state == {"next_index": want}
+    saved = json.loads((run / "checkpoints" / str(want) / "data" / "process_0-of-1.json").read_text())
+    assert int(state.step) == want and data_iter.state == saved and set(saved) == {"streams"}
     assert integrity.tree_digest(state.params) == digests[want]
     if kind == "leftover_tmp":
         assert not (run / "checkpoints" / "6.orbax-checkpoint-tmp").exists()

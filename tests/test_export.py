@@ -626,7 +626,7 @@ def test_sample_and_export_read_freeze_and_lora_runs(tiny_config, tmp_path, caps
             *overrides,
             f"finetune.init_from={base.run.dir}",
             "train.steps=3",
-            "train.lr=5e-2",
+            "train.lr=2e-2",  # larger steps leave logits whose fp32 rounding alone nears TOL
             f"run.dir={tmp_path / mode}",
         )
         finetune.finetune(ft)

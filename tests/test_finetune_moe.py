@@ -71,13 +71,14 @@ def _evaluator(cfg):
     """(params, buffers) -> the plain (pretraining) model's held-out loss, compiled once."""
     cfg = loop.resolve(cfg, 66)
     lay = states.layout(cfg.model, optim.optimizer(cfg.train), meshes.build_mesh(cfg.mesh))
-    _, val = finetune.load_data(cfg, tokenizer.load_run(cfg.run.dir), 0, 1)
+    train_batches, val, _ = finetune.load_data(cfg, tokenizer.load_run(cfg.run.dir), 0, 1)
+    train_batches.close()
     batches = [loop.global_batch(b, rules.batch_sharding(lay.mesh), cfg.train.batch_size) for b in val]
     eval_step = steps.make_eval_step(lay)
 
     def loss(params, buffers) -> float:
         params, buffers = jax.device_put(params, lay.params), jax.device_put(buffers, lay.state.buffers)
-        return loop.evaluate(eval_step, params, batches, buffers)
+        return loop.evaluate(eval_step, params, batches, buffers)[0]
 
     return loss
 

@@ -1,5 +1,6 @@
 """Restoring onto another mesh or process count gives the saved values exactly."""
 
+import json
 import os
 import socket
 import subprocess
@@ -56,6 +57,14 @@ def _restore(cfg, run_dir):
     return state, lay, data_iter
 
 
+def _saved_streams(run_dir, step: int) -> dict:
+    """Every process's saved stream positions of `step`, merged."""
+    streams = {}
+    for path in Path(run_dir, "checkpoints", str(step), "data").glob("process_*.json"):
+        streams |= json.loads(path.read_text())["streams"]
+    return {"streams": streams}
+
+
 def test_fsdp8_restores_onto_data2_tensor4(tiny_config):
     saved_cfg = tiny_config("mesh.devices=8", "mesh.data=1", "mesh.fsdp=8", "checkpoint.every=2")
     saved = loop.pretrain(saved_cfg)["state"]
@@ -63,7 +72,7 @@ def test_fsdp8_restores_onto_data2_tensor4(tiny_config):
 
     new_cfg = configs.replace(saved_cfg, mesh={"data": 2, "fsdp": 1, "tensor": 4})
     state, lay, data_iter = _restore(new_cfg, saved_cfg.run.dir)
-    assert int(state.step) == 4 and data_iter.state == {"next_index": 4}
+    assert int(state.step) == 4 and data_iter.state == _saved_streams(saved_cfg.run.dir, 4)
     for got, want, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(saved), jax.tree.leaves(lay.state)):
         assert got.sharding.is_equivalent_to(sharding, got.ndim)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -109,7 +118,9 @@ def test_two_processes_restore_onto_one(tiny_config, tmp_path):
     new_cfg = configs.replace(cfg, mesh={"devices": 8, "data": 2, "fsdp": 1, "tensor": 4})
     state, _, data_iter = _restore(new_cfg, cfg.run.dir)
     assert integrity.tree_digest(state.params) == digests.pop()
-    assert int(state.step) == 4 and data_iter.state == {"next_index": 4}
+    # one process reads both processes' streams: every row of the global batch, once
+    assert int(state.step) == 4 and data_iter.state == _saved_streams(cfg.run.dir, 4)
+    assert sorted(map(int, data_iter.state["streams"])) == list(range(cfg.train.batch_size))
     # the whole resume path on the new mesh and process count: nothing left to train, evaluate
     result = loop.pretrain(new_cfg)
     np.testing.assert_allclose(result["val_loss"], val_loss, rtol=1e-5)
