@@ -19,12 +19,9 @@ sees exactly the batches of an uninterrupted one, on any process count.
 """
 
 import collections
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -143,7 +140,10 @@ def documents(tok, records: list[dict], text_key: str, where: str) -> dict[str, 
     kinds = [_kind(r) for r in records]
     plain = [i for i, k in enumerate(kinds) if k == "text"]
     texts_ = {i: sources_lib.record_text(records[i], text_key, records[i].get("_where", where)) for i in plain}
-    encoded = dict(zip(plain, tok.encode_batch([texts_[i] for i in plain]))) if plain else {}
+    try:
+        encoded = dict(zip(plain, tok.encode_batch([texts_[i] for i in plain]))) if plain else {}
+    except ValueError as e:  # a char vocabulary (of the training documents) meeting other characters
+        raise sources_lib.DataError(f"{where}: {e}: build the tokenizer from data that has them") from None
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     seqs, masks, nbytes = [], [], []
     for i, (r, kind) in enumerate(zip(records, kinds)):
@@ -416,16 +416,11 @@ class Batches(grain.DatasetIterator):
 
 
 def _die_with_parent(worker_index: int, worker_count: int) -> None:
-    """In a Grain worker: exit when the training process dies, also by SIGKILL (which runs no cleanup)."""
+    """In a Grain worker: exit when the training process dies, also by SIGKILL (which runs no cleanup).
+
+    A thread polls the parent's pid: prctl(PR_SET_PDEATHSIG) would fire when the *thread* that
+    started the worker exits, which in Grain is not the end of the training process."""
     parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: Linux
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(0)
-        return
-    except (OSError, AttributeError, TypeError):
-        pass
 
     def watch():
         while os.getppid() == parent:
