@@ -161,34 +161,36 @@ def documents(tok, records: list[dict], text_key: str, where: str) -> dict[str, 
         seqs.append(ids)
         masks.append(mask)
         nbytes.append(size)
+    return _flat(seqs, masks, [k != "text" for k in kinds], nbytes)
+
+
+def _flat(seqs: list, masks: list, whole: list, nbytes: list) -> dict[str, np.ndarray]:
+    """Per-document token ids, loss masks, 'whole' flags and byte counts as documents()' flat arrays."""
     starts = np.zeros(len(seqs) + 1, np.int64)
-    starts[1:] = np.cumsum([len(s) for s in seqs])
+    starts[1:] = np.cumsum([len(ids) for ids in seqs])
     return {
         "tokens": np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32),
         "starts": starts,
-        "loss_mask": np.concatenate(masks) if masks else np.zeros(0, bool),
-        "whole": np.asarray([k != "text" for k in kinds], bool),
+        "loss_mask": np.concatenate(masks).astype(bool) if masks else np.zeros(0, bool),
+        "whole": np.asarray(whole, bool),
         "bytes": np.asarray(nbytes, np.float64),
     }
+
+
+def _doc(docs: dict[str, np.ndarray], i: int) -> slice:
+    return slice(docs["starts"][i], docs["starts"][i + 1])
 
 
 def select(docs: dict[str, np.ndarray], order) -> dict[str, np.ndarray]:
     """`documents(...)` of the records `order` picks (indices into docs' records), in that order:
     what documents() of those records gives, as every document is tokenized on its own."""
     order = np.asarray(order, np.int64)
-    starts = docs["starts"]
-    lengths = starts[order + 1] - starts[order]
-    picked = [docs["tokens"][starts[i] : starts[i + 1]] for i in order]
-    masks = [docs["loss_mask"][starts[i] : starts[i + 1]] for i in order]
-    out_starts = np.zeros(len(order) + 1, np.int64)
-    out_starts[1:] = np.cumsum(lengths)
-    return {
-        "tokens": np.concatenate(picked).astype(np.int32) if picked else np.zeros(0, np.int32),
-        "starts": out_starts,
-        "loss_mask": np.concatenate(masks) if masks else np.zeros(0, bool),
-        "whole": docs["whole"][order],
-        "bytes": docs["bytes"][order],
-    }
+    return _flat(
+        [docs["tokens"][_doc(docs, i)] for i in order],
+        [docs["loss_mask"][_doc(docs, i)] for i in order],
+        docs["whole"][order],
+        docs["bytes"][order],
+    )
 
 
 def unit_documents(x: Input, tok, unit: int) -> tuple[int, Callable[[list[int]], dict[str, np.ndarray]]]:
@@ -256,8 +258,8 @@ def rotate(docs: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, n
     and its head last (two pieces; an example is never cut, the cycle starts at it). Streams that
     read the same unit (a corpus of one long document) then start at different places; no pair is
     lost or repeated."""
-    starts, n_docs = docs["starts"], len(docs["whole"])
-    pairs = np.maximum(np.diff(starts) - 1, 0)
+    n_docs = len(docs["whole"])
+    pairs = np.maximum(np.diff(docs["starts"]) - 1, 0)
     if n_docs == 0 or pairs.sum() == 0:
         return docs
     q = int(rng.integers(pairs.sum()))
@@ -267,23 +269,14 @@ def rotate(docs: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, n
         order = [(e, 0, None) for e in [*range(d, n_docs), *range(d)]]
     else:  # tail: tokens [cut:], pairs [cut, n); head: tokens [:cut + 1], pairs [0, cut)
         order = [(d, cut, None), *((e, 0, None) for e in [*range(d + 1, n_docs), *range(d)]), (d, 0, cut + 1)]
-    tokens, new_starts, masks, whole, nbytes = [], [0], [], [], []
-    for e, a, b in order:
-        doc = slice(starts[e], starts[e + 1])
-        ids, mask = docs["tokens"][doc][a:b], docs["loss_mask"][doc][a:b]
-        share = (len(ids) - 1) / pairs[e] if pairs[e] else 1.0
-        tokens.append(ids)
-        masks.append(mask)
-        new_starts.append(new_starts[-1] + len(ids))
-        whole.append(bool(docs["whole"][e]))
-        nbytes.append(float(docs["bytes"][e]) * share)
-    return {
-        "tokens": np.concatenate(tokens).astype(np.int32),
-        "starts": np.asarray(new_starts, np.int64),
-        "loss_mask": np.concatenate(masks).astype(bool),
-        "whole": np.asarray(whole, bool),
-        "bytes": np.asarray(nbytes, np.float64),
-    }
+    seqs = [docs["tokens"][_doc(docs, e)][a:b] for e, a, b in order]
+    shares = [(len(ids) - 1) / pairs[e] if pairs[e] else 1.0 for ids, (e, _, _) in zip(seqs, order)]
+    return _flat(
+        seqs,
+        [docs["loss_mask"][_doc(docs, e)][a:b] for e, a, b in order],
+        [docs["whole"][e] for e, _, _ in order],
+        [float(docs["bytes"][e]) * share for share, (e, _, _) in zip(shares, order)],
+    )
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -304,7 +297,7 @@ class _Packer:
     def row(self) -> tuple[dict[str, np.ndarray], float] | None:
         """(the next row, UTF-8 bytes of the text it covers); None once fetch runs out."""
         t = self.seq_len
-        row = {k: np.zeros(t, np.float32 if k == "weights" else np.int32) for k in KEYS}
+        row = _empty_row(t)
         used, segment, nbytes = 0, 0, 0.0
         while used < t:
             docs = self.fetch(self.k)
@@ -333,6 +326,11 @@ class _Packer:
             if self.j >= n or whole:  # an example longer than a row is cut
                 self.d, self.j = self.d + 1, 0
         return (row, nbytes) if used else None
+
+
+def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
+    """A row of padding: segment 0, weight 0."""
+    return {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in KEYS}
 
 
 def _nth(parts: list, k: int):
@@ -493,7 +491,7 @@ def eval_batches(
         for b in range(num_batches):
             out = packer.row()
             if out is None:
-                out = ({k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in KEYS}, 0.0)
+                out = (_empty_row(seq_len), 0.0)
             rows[b].append(out[0])
             nbytes += out[1]
     return [_stack(r) for r in rows], nbytes
